@@ -1,0 +1,422 @@
+"""The in-memory FlashDeconv estimator (scikit-learn conventions, reference-package names)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from ..errors import DataWarning, InputError, NotFittedError
+from . import genes as gene_selection
+from .graph import GRAPH_METHODS, spatial_graph
+from .preprocess import PREPROCESSINGS, preprocess_reference, spot_gene_scale
+from .project import SpotTransform, project, selected_gene_sums
+from .solver import auto_lambda, normalize_proportions, objective, scaled_rho, solve
+from .uncertainty import (
+    OrderStatistics,
+    active_set_intervals,
+    entropy,
+    laplace_diagonal_variance,
+    one_sided_tests,
+)
+from .validation import as_count_matrix, check_coords, check_reference
+from .weights import WEIGHTINGS, build_representation
+
+#: Rows per block when a dense spot matrix is streamed through the CSR kernels.
+DENSE_BLOCK_ROWS = 4096
+
+
+def csr_chunks(Y):
+    """``(row_start, indptr, indices, data)`` row chunks of ``Y`` for the CSR kernels.
+
+    A CSR matrix is one chunk and is not copied; a dense matrix is converted block by block.
+    """
+    if sparse.issparse(Y):
+        yield 0, Y.indptr, Y.indices, Y.data
+        return
+    for start in range(0, Y.shape[0], DENSE_BLOCK_ROWS):
+        block = sparse.csr_matrix(Y[start:start + DENSE_BLOCK_ROWS])
+        yield start, block.indptr, block.indices, block.data
+
+
+def fit_parameters(model) -> dict[str, Any]:
+    """Validated copy of an estimator's parameters (scikit-learn: checked in ``fit``)."""
+    p = {name: getattr(model, name) for name in FlashDeconv._PARAMS}
+    if isinstance(p["lambda_spatial"], str):
+        if p["lambda_spatial"] != "auto":
+            raise InputError(f"lambda_spatial must be 'auto' or a number >= 0, got {p['lambda_spatial']!r}")
+    elif not (np.isfinite(p["lambda_spatial"]) and p["lambda_spatial"] >= 0):
+        raise InputError(f"lambda_spatial must be 'auto' or a number >= 0, got {p['lambda_spatial']!r}")
+    for name in ("sketch_dim", "n_hvg", "n_markers_per_type", "k_neighbors", "max_iter"):
+        value = p[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    if p["sketch_dim"] < 1:
+        raise InputError("sketch_dim must be at least 1")
+    if not (np.isfinite(p["tol"]) and p["tol"] > 0):
+        raise InputError(f"tol must be positive, got {p['tol']!r}")
+    if not (np.isfinite(p["rho_sparsity"]) and p["rho_sparsity"] >= 0):
+        raise InputError(f"rho_sparsity must be >= 0, got {p['rho_sparsity']!r}")
+    if p["spatial_method"] not in GRAPH_METHODS:
+        raise InputError(f"spatial_method must be one of {GRAPH_METHODS}, got {p['spatial_method']!r}")
+    if p["spatial_method"] == "radius" and (p["radius"] is None or not p["radius"] > 0):
+        raise InputError(f"spatial_method='radius' needs a positive radius, got {p['radius']!r}")
+    if p["preprocess"] not in PREPROCESSINGS:
+        raise InputError(f"preprocess must be one of {PREPROCESSINGS}, got {p['preprocess']!r}")
+    if p["gene_weighting"] not in WEIGHTINGS:
+        raise InputError(f"gene_weighting must be one of {WEIGHTINGS}, got {p['gene_weighting']!r}")
+    return p
+
+
+class FlashDeconv:
+    """Spatially regularised cell-type deconvolution (FlashDeconv, Yang, Zhang & Chen 2025).
+
+    Parameters and defaults are those of the reference package ``flashdeconv`` 0.2.0, so
+    code written for it runs unchanged.
+
+    Parameters
+    ----------
+    sketch_dim : int, default 512
+        CountSketch buckets d (the gene weights of ``expected``; the sketch size of
+        ``countsketch``).
+    lambda_spatial : float or "auto", default "auto"
+        Graph-Laplacian strength; "auto" = 0.005 x mean Gram diagonal / mean degree.
+    rho_sparsity : float, default 0.01
+        L1 penalty as a fraction of the mean Gram diagonal.
+    n_hvg, n_markers_per_type : int, default 2000, 50
+        Genes used: HVGs of the spots plus markers of each reference type.
+    spatial_method : {"knn", "radius", "grid"}, default "knn"
+    k_neighbors : int, default 6
+    radius : float, optional
+        Needed with ``spatial_method="radius"``.
+    max_iter : int, default 1000
+    tol : float, default 1e-4
+        Stop when the largest change of any abundance over one iteration is below ``tol``
+        times the largest abundance.
+    preprocess : {"log_cpm", "pearson", "raw"}, default "log_cpm"
+    random_state : int, default 0
+        Seed of the ``countsketch`` hashing (unused by ``expected``).
+    verbose : bool, default False
+    gene_weighting : {"expected", "countsketch"}, default "expected"
+
+    Attributes
+    ----------
+    beta_ : (N, K) abundances; proportions_ : (N, K) row-normalised abundances.
+    gene_idx_ : genes used (columns of Y and X); gene_weights_ : their weights
+        (``expected``) or None; leverage_scores_ : their leverage.
+    lambda_used_, rho_used_ : penalties in the solver's units.
+    adjacency_ : (N, N) binary spatial graph.
+    zero_signal_ : (N,) bool, spots with no counts on the used genes or an all-zero fit;
+        their proportions are uniform and carry no information.
+    info_ : dict with ``converged``, ``n_iterations``, ``final_change``, ``changes``,
+        ``final_objective``, ``XtX`` (Gram), ``n_neighbors`` and ``timings`` (s per phase).
+    """
+
+    _PARAMS = ("sketch_dim", "lambda_spatial", "rho_sparsity", "n_hvg", "n_markers_per_type",
+               "spatial_method", "k_neighbors", "radius", "max_iter", "tol", "preprocess",
+               "random_state", "verbose", "gene_weighting")
+
+    def __init__(self, sketch_dim=512, lambda_spatial="auto", rho_sparsity=0.01, n_hvg=2000,
+                 n_markers_per_type=50, spatial_method="knn", k_neighbors=6, radius=None,
+                 max_iter=1000, tol=1e-4, preprocess="log_cpm", random_state=0, verbose=False,
+                 gene_weighting="expected"):
+        self.sketch_dim = sketch_dim
+        self.lambda_spatial = lambda_spatial
+        self.rho_sparsity = rho_sparsity
+        self.n_hvg = n_hvg
+        self.n_markers_per_type = n_markers_per_type
+        self.spatial_method = spatial_method
+        self.k_neighbors = k_neighbors
+        self.radius = radius
+        self.max_iter = max_iter
+        self.tol = tol
+        self.preprocess = preprocess
+        self.random_state = random_state
+        self.verbose = verbose
+        self.gene_weighting = gene_weighting
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params) -> "FlashDeconv":
+        for name, value in params.items():
+            if name not in self._PARAMS:
+                raise ValueError(f"unknown parameter {name!r}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        changed = [f"{n}={getattr(self, n)!r}" for n in self._PARAMS
+                   if getattr(self, n) != type(self)().get_params()[n]]
+        return f"FlashDeconv({', '.join(changed)})"
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[dflashdeconv] {message}", flush=True)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, Y, X, coords, cell_type_names=None) -> "FlashDeconv":
+        """Estimate abundances from spot counts ``Y`` (N x G), profiles ``X`` (K x G).
+
+        ``Y`` may be dense or sparse; it is never copied or modified (a CSR matrix is read
+        in place). Coordinates are (N, 2) or (N, 3).
+        """
+        params = fit_parameters(self)
+        Y = as_count_matrix("spot counts Y", Y)
+        X = check_reference(X, Y.shape[1], cell_type_names)
+        coords = check_coords(coords, Y.shape[0])
+        if Y.shape[0] == 0:
+            raise InputError("the spot matrix has no spots")
+        n_spots, n_genes = Y.shape
+        timings = {}
+
+        t0 = time.perf_counter()
+        moments = gene_selection.GeneMoments.zeros(n_genes)
+        for _, indptr, indices, data in csr_chunks(Y):
+            moments = moments + gene_selection.gene_moments(indptr, indices, data, n_genes)
+        if moments.n_empty:
+            warnings.warn(f"{moments.n_empty} of {n_spots} spots have no counts; their "
+                          "proportions are uniform and flagged in zero_signal_", DataWarning,
+                          stacklevel=2)
+        genes = gene_selection.select_genes(moments, X, params["n_hvg"], params["n_markers_per_type"])
+        leverage = gene_selection.leverage_scores(X[:, genes])
+        timings["gene_selection"] = time.perf_counter() - t0
+        self._log(f"{genes.size} genes selected ({timings['gene_selection']:.2f} s)")
+
+        t0 = time.perf_counter()
+        transform = self._transform(moments.raw_mean[genes], X, genes, leverage, n_genes, params)
+        H, ysq, totals = self._project(Y, transform, n_spots)
+        timings["projection"] = time.perf_counter() - t0
+        self._log(f"projected to {transform.rep.dim} dimensions ({timings['projection']:.2f} s)")
+
+        t0 = time.perf_counter()
+        A = spatial_graph(coords, params["spatial_method"], params["k_neighbors"], params["radius"])
+        degree = np.diff(A.indptr).astype(np.float64)
+        timings["graph"] = time.perf_counter() - t0
+
+        gram = transform.rep.gram
+        lam = (auto_lambda(gram, degree) if params["lambda_spatial"] == "auto"
+               else float(params["lambda_spatial"]))
+        rho = scaled_rho(gram, params["rho_sparsity"])
+        t0 = time.perf_counter()
+        beta, info = solve(H, gram, A, lam, rho, max_iter=params["max_iter"], tol=params["tol"],
+                           callback=self._progress_callback())
+        timings["solver"] = time.perf_counter() - t0
+        self._log(f"solver: {info['n_iterations']} iterations, converged={info['converged']} "
+                  f"({timings['solver']:.2f} s)")
+        if not info["converged"]:
+            warnings.warn(f"the solver did not reach tol={params['tol']} in {params['max_iter']} "
+                          f"iterations (last change {info['final_change']:.2e})", RuntimeWarning,
+                          stacklevel=2)
+
+        proportions, all_zero = normalize_proportions(beta)
+        info.update(final_objective=objective(beta, H, gram, float(ysq.sum()), A, lam, rho),
+                    XtX=gram, n_neighbors=degree, timings=timings)
+        self.n_spots_, self.n_genes_, self.n_cell_types_ = n_spots, n_genes, X.shape[0]
+        self.cell_type_names_ = None if cell_type_names is None else np.asarray(cell_type_names)
+        self.gene_idx_ = genes
+        self.leverage_scores_ = leverage
+        self.gene_weights_ = transform.rep.coef if params["gene_weighting"] == "expected" else None
+        self.X_repr_ = transform.rep.X_repr
+        self.lambda_used_, self.rho_used_ = lam, rho
+        self.adjacency_ = A
+        self.H_, self.ysq_ = H, ysq
+        self.beta_, self.proportions_ = beta, proportions
+        self.zero_signal_ = all_zero | (totals <= 0)
+        self.info_ = info
+        self._transform_ = transform
+        self._Y, self._X = Y, X
+        return self
+
+    def fit_transform(self, Y, X, coords, **kwargs) -> np.ndarray:
+        """``fit`` and return the proportions (N x K, rows sum to 1)."""
+        return self.fit(Y, X, coords, **kwargs).proportions_
+
+    def _transform(self, spot_gene_mean, X, genes, leverage, n_genes, params) -> SpotTransform:
+        X_tilde = preprocess_reference(X[:, genes], params["preprocess"])
+        rep = build_representation(X_tilde, leverage, params["gene_weighting"],
+                                   params["sketch_dim"], params["random_state"])
+        scale = spot_gene_scale(params["preprocess"], spot_gene_mean, genes.size)
+        return SpotTransform.build(n_genes, genes, params["preprocess"], scale, rep)
+
+    @staticmethod
+    def _project(Y, transform, n_spots, **resample):
+        K = transform.rep.X_repr.shape[0]
+        H, ysq, totals = np.empty((n_spots, K)), np.empty(n_spots), np.empty(n_spots)
+        for start, indptr, indices, data in csr_chunks(Y):
+            stop = start + len(indptr) - 1
+            H[start:stop], ysq[start:stop], totals[start:stop] = project(
+                indptr, indices, data, transform, row_offset=start, **resample)
+        return H, ysq, totals
+
+    def _progress_callback(self):
+        if not self.verbose:
+            return None
+
+        def report(iteration, change, beta):
+            if iteration % 10 == 0:
+                self._log(f"  iteration {iteration}: change {change:.3e}")
+        return report
+
+    # ------------------------------------------------------------------ results
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "beta_"):
+            raise NotFittedError("this FlashDeconv instance is not fitted; call fit() first")
+
+    def get_cell_type_proportions(self) -> np.ndarray:
+        self._check_fitted()
+        return self.proportions_
+
+    def get_abundances(self) -> np.ndarray:
+        self._check_fitted()
+        return self.beta_
+
+    def get_dominant_cell_type(self) -> np.ndarray:
+        """Index of the largest proportion per spot."""
+        self._check_fitted()
+        return np.argmax(self.proportions_, axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        """Parameters and fit statistics (``{"fitted": False}`` before ``fit``)."""
+        if not hasattr(self, "beta_"):
+            return {"fitted": False}
+        return {
+            "fitted": True,
+            "n_spots": self.n_spots_,
+            "n_cell_types": self.n_cell_types_,
+            "n_genes_used": int(self.gene_idx_.size),
+            "sketch_dim": self.sketch_dim,
+            "gene_weighting": self.gene_weighting,
+            "representation_dim": int(self.X_repr_.shape[1]),
+            "lambda_spatial": self.lambda_used_,
+            "rho_sparsity": self.rho_sparsity,
+            "preprocess_method": self.preprocess,
+            "converged": self.info_["converged"],
+            "n_iterations": self.info_["n_iterations"],
+            "final_objective": self.info_["final_objective"],
+            "n_zero_signal": int(self.zero_signal_.sum()),
+        }
+
+    # ------------------------------------------------------------------ uncertainty
+    def compute_uncertainty(self, alpha: float = 0.05, method: str = "sandwich",
+                            fdr_q: float = 0.1) -> dict[str, Any]:
+        """Model-based intervals for the proportions (opt-in; one more pass over Y).
+
+        ``method``: "sandwich" (HC0 robust, default), "model" (``s^2 H_A^-1``) or the
+        deprecated "laplace_diag". Returns (and stores in ``uncertainty_``) ``se_prop``,
+        ``ci_lower``/``ci_upper``, ``z_score``, ``p_value``, ``detected`` (BH at
+        ``fdr_q``), ``entropy``, ``residual_ss``, ``residual_norm`` and ``mean_ci_width``.
+        These describe count sampling under the fitted model, not reference mismatch.
+        """
+        self._check_fitted()
+        if method not in ("sandwich", "model", "laplace_diag"):
+            raise InputError(f"method must be 'sandwich', 'model' or 'laplace_diag', got {method!r}")
+        if not 0.0 < alpha < 1.0:
+            raise InputError(f"alpha must be in (0, 1), got {alpha}")
+        from scipy.stats import norm
+
+        beta = self.beta_
+        degree = self.info_["n_neighbors"]
+        nsum = np.asarray(self.adjacency_ @ beta)
+        rho = self.rho_used_
+        parts = []
+        for start, indptr, indices, data in csr_chunks(self._Y):
+            stop = start + len(indptr) - 1
+            parts.append(active_set_intervals(
+                indptr, indices, data, self._transform_, beta[start:stop], degree[start:stop],
+                nsum[start:stop], self.lambda_used_, rho, alpha,
+                "model" if method == "model" else "sandwich"))
+        res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        residual_ss = res.pop("residual_ss")
+        uq: dict[str, Any] = {
+            "entropy": entropy(self.proportions_),
+            "residual_ss": residual_ss,
+            "residual_norm": residual_ss / np.maximum(self.ysq_, 1e-10),
+            "method": method,
+            "alpha": alpha,
+        }
+        z = norm.ppf(1 - alpha / 2)
+        if method == "laplace_diag":
+            warnings.warn("method='laplace_diag' ignores collinearity between cell types and "
+                          "under-covers; use method='sandwich'", DeprecationWarning, stacklevel=2)
+            var_prop = laplace_diagonal_variance(beta, self.info_["XtX"], residual_ss,
+                                                 self.X_repr_.shape[1], self.lambda_used_, degree)
+            se = np.sqrt(np.maximum(var_prop, 0))
+            uq.update(ci_lower=np.clip(self.proportions_ - z * se, 0, 1),
+                      ci_upper=np.clip(self.proportions_ + z * se, 0, 1),
+                      detection_confident=np.clip(self.proportions_ - z * se, 0, 1) > 0.01)
+        else:
+            se = res["se_prop"]
+            p_value, detected = one_sided_tests(res["z_score"], fdr_q)
+            uq.update(ci_lower=res["ci_lower"], ci_upper=res["ci_upper"], z_score=res["z_score"],
+                      p_value=p_value, detected=detected, detection_confident=detected, fdr_q=fdr_q)
+        cv = np.zeros_like(self.proportions_)
+        nonzero = (self.proportions_ > 1e-6) & np.isfinite(se)
+        cv[nonzero] = se[nonzero] / self.proportions_[nonzero]
+        uq.update(se_prop=se, var_prop=se**2, ci_half_width=z * se, cv=cv,
+                  mean_ci_width=float(np.mean(uq["ci_upper"] - uq["ci_lower"])))
+        self.uncertainty_ = uq
+        return uq
+
+    def bootstrap_uncertainty(self, n_bootstrap: int = 100, max_iter_boot: int | None = None,
+                              seed: int = 42, verbose: bool = False, tol: float | None = None,
+                              alpha: float = 0.05) -> dict[str, Any]:
+        """Parametric Poisson bootstrap, streamed: replicates are never held together.
+
+        Each replicate draws ``Y* ~ Poisson(Y)`` on the used genes (per-spot random streams
+        keyed by the seed: independent of chunking and workers), applies the same
+        preprocessing and weights, and re-solves with the fitted lambda and rho from
+        ``beta_``. Only the running mean/variance and the few extreme values needed for
+        the exact percentile interval are kept.
+        """
+        self._check_fitted()
+        if not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
+            raise InputError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
+        if not 0.0 < alpha < 1.0:
+            raise InputError(f"alpha must be in (0, 1), got {alpha}")
+        max_iter = self.max_iter if max_iter_boot is None else max_iter_boot
+        tol = self.tol if tol is None else tol
+        stats = OrderStatistics(n_bootstrap, alpha, self.beta_.shape)
+        n_iterations = np.zeros(n_bootstrap, np.int64)
+        final_change = np.zeros(n_bootstrap)
+        converged = np.zeros(n_bootstrap, bool)
+        transform = self._transform_
+        for b in range(n_bootstrap):
+            if self.preprocess == "pearson":
+                transform = self._resampled_pearson_transform(seed, b)
+            H, _, _ = self._project(self._Y, transform, self.n_spots_, seed=seed, replicate=b)
+            beta, info = solve(H, self.info_["XtX"], self.adjacency_, self.lambda_used_,
+                               self.rho_used_, max_iter=max_iter, tol=tol, beta_init=self.beta_)
+            stats.add(normalize_proportions(beta)[0])
+            n_iterations[b], final_change[b] = info["n_iterations"], info["final_change"]
+            converged[b] = info["converged"]
+            if verbose:
+                print(f"[dflashdeconv] bootstrap {b + 1}/{n_bootstrap}: "
+                      f"{info['n_iterations']} iterations", flush=True)
+        if not converged.all():
+            warnings.warn(f"{(~converged).sum()} of {n_bootstrap} bootstrap refits did not reach "
+                          f"tol={tol} in {max_iter} iterations", RuntimeWarning, stacklevel=2)
+        lower, upper = stats.interval()
+        cv = np.zeros_like(stats.mean)
+        nonzero = stats.mean > 1e-6
+        cv[nonzero] = stats.std[nonzero] / stats.mean[nonzero]
+        self.bootstrap_ = {
+            "boot_mean": stats.mean, "boot_std": stats.std, "boot_ci_lower": lower,
+            "boot_ci_upper": upper, "boot_cv": cv, "n_bootstrap": n_bootstrap,
+            "n_converged": int(converged.sum()), "n_iterations": n_iterations,
+            "final_change": final_change, "warm_start": True,
+        }
+        return self.bootstrap_
+
+    def _resampled_pearson_transform(self, seed: int, replicate: int) -> SpotTransform:
+        """Pearson scaling recomputed from the gene means of one resampled data set."""
+        base = self._transform_
+        sums = np.zeros(self.gene_idx_.size)
+        for start, indptr, indices, data in csr_chunks(self._Y):
+            sums += selected_gene_sums(indptr, indices, data, base.gene_pos, self.gene_idx_.size,
+                                       seed=seed, replicate=replicate, row_offset=start)
+        scale = spot_gene_scale("pearson", sums / self.n_spots_, self.gene_idx_.size)
+        return SpotTransform(base.gene_pos, base.mode, scale, base.rep)

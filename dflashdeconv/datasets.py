@@ -1,0 +1,274 @@
+"""Bundled real data and a synthetic tissue generator with known proportions.
+
+- :func:`starmap_cortex`: STARmap mouse visual cortex pseudo-spots (581 spots, 12 types,
+  ground-truth proportions) and their single-cell reference, shipped in the package
+  (MIT licence, see ``data/starmap_cortex/ATTRIBUTION.md``).
+- :class:`SyntheticTissue`: a seeded tissue whose every spot is a deterministic function
+  of (seed, spot index): smooth Dirichlet proportions over space, negative-binomial
+  single-cell reference, Poisson spot counts. Rows can be generated in any chunks, in any
+  order, on any worker, and always come out identical; :func:`synthetic` builds AnnData
+  objects in memory and the engine writes million-spot stores chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from numba import njit, prange
+from scipy import sparse
+
+from .core.resample import gamma, next_uniform, poisson, spot_stream
+
+# Stream ids separating the random draws of the generator (proportions, counts).
+_PROPORTION_STREAM = 1 << 40
+_COUNT_STREAM = (1 << 40) + 1
+
+
+def starmap_cortex():
+    """``(spots, reference)`` AnnData of the bundled STARmap cortex data.
+
+    ``spots.obsm['proportions']`` holds the ground truth (DataFrame, 12 types);
+    ``reference.obs['cell_type']`` the labels; coordinates are pixels in
+    ``spots.obsm['spatial']``. Sources and licence: ``data/starmap_cortex/ATTRIBUTION.md``.
+    """
+    import anndata as ad
+
+    folder = resources.files("dflashdeconv") / "data" / "starmap_cortex"
+    with resources.as_file(folder / "pseudospots.h5ad") as spots_path, \
+            resources.as_file(folder / "reference.h5ad") as ref_path:
+        return ad.read_h5ad(spots_path), ad.read_h5ad(ref_path)
+
+
+def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker/Vose alias table of a discrete distribution (O(1) sampling)."""
+    n = p.size
+    scaled = p / p.sum() * n
+    prob = np.ones(n)
+    alias = np.arange(n)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        prob[s], alias[s] = scaled[s], g
+        scaled[g] -= 1.0 - scaled[s]
+        (small if scaled[g] < 1.0 else large).append(g)
+    return prob, alias
+
+
+@njit(parallel=True, cache=True)
+def _dirichlet_rows(mean, concentration, seed, row_start):
+    n, K = mean.shape
+    out = np.empty((n, K))
+    for i in prange(n):
+        state = spot_stream(seed, _PROPORTION_STREAM, row_start + i)
+        total = 0.0
+        for k in range(K):
+            state, g = gamma(max(concentration * mean[i, k], 1e-3), state)
+            out[i, k] = g
+            total += g
+        for k in range(K):
+            out[i, k] /= total
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _count_rows(proportions, depth, alias_prob, alias_idx, seed, row_start):
+    """CSR (indptr, indices, data) of Poisson(depth x mixture) counts, row by row.
+
+    A spot's total is Poisson(depth_i); each molecule picks a type from the spot's
+    proportions and a gene from that type's profile (alias method): the same law as
+    independent Poisson counts per gene.
+    """
+    n, K = proportions.shape
+    G = alias_prob.shape[1]
+    totals = np.empty(n, np.int64)
+    for i in prange(n):
+        state = spot_stream(seed, _COUNT_STREAM, row_start + i)
+        state, t = poisson(depth[i], state)
+        totals[i] = np.int64(t)
+    bound = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        bound[i + 1] = bound[i] + min(totals[i], G)
+    indices = np.empty(bound[n], np.int32)
+    data = np.empty(bound[n], np.float32)
+    nnz = np.zeros(n, np.int64)
+    for i in prange(n):
+        state = spot_stream(seed, _COUNT_STREAM, row_start + i)
+        state, _ = poisson(depth[i], state)
+        counts = np.zeros(G, np.int64)
+        cumulative = np.cumsum(proportions[i])
+        for _ in range(totals[i]):
+            state, u = next_uniform(state)
+            k = 0
+            while k < K - 1 and u * cumulative[K - 1] >= cumulative[k]:
+                k += 1
+            state, u = next_uniform(state)
+            col = min(int(u * G), G - 1)
+            state, u = next_uniform(state)
+            gene = col if u < alias_prob[k, col] else alias_idx[k, col]
+            counts[gene] += 1
+        q = bound[i]
+        for g in range(G):
+            if counts[g]:
+                indices[q] = g
+                data[q] = counts[g]
+                q += 1
+        nnz[i] = q - bound[i]
+    indptr = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + nnz[i]
+    out_indices = np.empty(indptr[n], np.int32)
+    out_data = np.empty(indptr[n], np.float32)
+    for i in prange(n):
+        m = nnz[i]
+        out_indices[indptr[i]:indptr[i] + m] = indices[bound[i]:bound[i] + m]
+        out_data[indptr[i]:indptr[i] + m] = data[bound[i]:bound[i] + m]
+    return indptr, out_indices, out_data
+
+
+@dataclass(frozen=True)
+class SyntheticTissue:
+    """A seeded synthetic tissue on a square grid (spacing 1), spots in row-major order.
+
+    Parameters: number of spots, genes and cell types, mean counts per spot (``depth``),
+    ``concentration`` of the Dirichlet around the smooth spatial mean (lower = noisier),
+    ``gene_sigma`` the log-normal spread of baseline gene expression (sets sparsity) and
+    ``markers_per_type`` strongly specific genes per type.
+    """
+
+    n_spots: int = 2000
+    n_genes: int = 3000
+    n_types: int = 15
+    depth: float = 3900.0
+    seed: int = 0
+    concentration: float = 8.0
+    gene_sigma: float = 1.3
+    markers_per_type: int = 30
+    cells_per_type: int = 60
+
+    def __post_init__(self):
+        for name in ("n_spots", "n_genes", "n_types", "cells_per_type"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_types * self.markers_per_type > self.n_genes:
+            raise ValueError("n_types x markers_per_type exceeds n_genes")
+        if not self.depth > 0:
+            raise ValueError(f"depth must be positive, got {self.depth}")
+
+    @property
+    def width(self) -> int:
+        """Grid columns (the tissue is about square)."""
+        return int(math.ceil(math.sqrt(self.n_spots)))
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        return np.array([f"Gene{g:05d}" for g in range(self.n_genes)])
+
+    @property
+    def cell_type_names(self) -> np.ndarray:
+        return np.array([f"Type{k:02d}" for k in range(self.n_types)])
+
+    def _rng(self, purpose: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, purpose])
+
+    def profiles(self) -> np.ndarray:
+        """True expression profiles (K x G), each row a distribution over genes."""
+        rng = self._rng(1)
+        K, G = self.n_types, self.n_genes
+        base = rng.lognormal(0.0, self.gene_sigma, G)
+        log_fold = rng.normal(0.0, 0.5, (K, G))
+        markers = rng.permutation(G)[: K * self.markers_per_type].reshape(K, -1)
+        for k in range(K):
+            log_fold[k, markers[k]] += rng.uniform(1.5, 3.0, self.markers_per_type)
+        profile = base[None, :] * np.exp(log_fold)
+        return profile / profile.sum(axis=1, keepdims=True)
+
+    def _field(self):
+        rng = self._rng(2)
+        n_waves = 4
+        freq = rng.normal(0.0, 2 * np.pi * 2.5 / self.width, (self.n_types, n_waves, 2))
+        phase = rng.uniform(0, 2 * np.pi, (self.n_types, n_waves))
+        amp = rng.uniform(0.5, 1.5, (self.n_types, n_waves))
+        return freq, phase, amp
+
+    def coords(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Grid coordinates (x = column, y = row) of spots ``start:stop``."""
+        idx = np.arange(start, self.n_spots if stop is None else stop)
+        return np.column_stack([idx % self.width, idx // self.width]).astype(np.float64)
+
+    def proportions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """True proportions of spots ``start:stop``: Dirichlet around a smooth softmax field."""
+        xy = self.coords(start, stop)
+        freq, phase, amp = self._field()
+        logits = np.einsum("kw,nkw->nk", amp, np.cos(np.einsum("kwd,nd->nkw", freq, xy) + phase))
+        mean = np.exp(2.0 * logits)
+        mean /= mean.sum(axis=1, keepdims=True)
+        return _dirichlet_rows(mean, float(self.concentration), self.seed, start)
+
+    def spot_depths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Expected counts per spot (log-normal around ``depth``, smooth in space)."""
+        xy = self.coords(start, stop)
+        wave = np.sin(xy[:, 0] * 2 * np.pi / max(self.width / 3, 1)) * np.cos(
+            xy[:, 1] * 2 * np.pi / max(self.width / 4, 1))
+        return self.depth * np.exp(0.25 * wave)
+
+    def counts(self, start: int = 0, stop: int | None = None) -> sparse.csr_matrix:
+        """Spot counts (CSR float32, spots ``start:stop`` x genes)."""
+        stop = self.n_spots if stop is None else stop
+        tables = [_alias_table(p) for p in self.profiles()]
+        alias_prob = np.stack([t[0] for t in tables])
+        alias_idx = np.stack([t[1] for t in tables]).astype(np.int64)
+        indptr, indices, data = _count_rows(self.proportions(start, stop),
+                                            self.spot_depths(start, stop), alias_prob, alias_idx,
+                                            self.seed, start)
+        return sparse.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+
+    def reference(self):
+        """Single-cell reference AnnData: negative-binomial cells, ``obs['cell_type']``."""
+        import anndata as ad
+        import pandas as pd
+
+        rng = self._rng(3)
+        profile = self.profiles()
+        n = self.cells_per_type
+        labels = np.repeat(np.arange(self.n_types), n)
+        library = rng.lognormal(np.log(3000.0), 0.4, labels.size)
+        mean = profile[labels] * library[:, None]
+        theta = 5.0
+        counts = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+        obs = pd.DataFrame(
+            {"cell_type": pd.Categorical(self.cell_type_names[labels],
+                                         categories=self.cell_type_names)},
+            index=[f"cell{i:06d}" for i in range(labels.size)],
+        )
+        return ad.AnnData(sparse.csr_matrix(counts), obs=obs,
+                          var=pd.DataFrame(index=self.gene_names))
+
+    def spots(self, start: int = 0, stop: int | None = None):
+        """Spot AnnData of spots ``start:stop``: counts, ``obsm['spatial']`` and the truth
+        in ``obsm['proportions']`` (DataFrame)."""
+        import anndata as ad
+        import pandas as pd
+
+        stop = self.n_spots if stop is None else stop
+        names = pd.Index([f"spot{i:08d}" for i in range(start, stop)])
+        truth = pd.DataFrame(self.proportions(start, stop), index=names,
+                             columns=self.cell_type_names)
+        adata = ad.AnnData(self.counts(start, stop), obs=pd.DataFrame(index=names),
+                           var=pd.DataFrame(index=self.gene_names))
+        adata.obsm["spatial"] = self.coords(start, stop)
+        adata.obsm["proportions"] = truth
+        adata.uns["synthetic"] = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return adata
+
+
+def synthetic(n_spots: int = 2000, n_genes: int = 3000, n_types: int = 15,
+              depth: float = 3900.0, seed: int = 0, **kwargs):
+    """``(spots, reference)`` AnnData of a :class:`SyntheticTissue` (truth in
+    ``spots.obsm['proportions']``)."""
+    tissue = SyntheticTissue(n_spots=n_spots, n_genes=n_genes, n_types=n_types, depth=depth,
+                             seed=seed, **kwargs)
+    return tissue.spots(), tissue.reference()

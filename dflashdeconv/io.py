@@ -1,0 +1,147 @@
+"""AnnData in, arrays out and back: the reference package's loading helpers.
+
+``prepare_data`` turns a spatial AnnData and a single-cell reference into ``(Y, X,
+coords, cell_type_names, gene_names)`` with the genes both share; ``result_to_anndata``
+writes proportions back. Every check raises :class:`~dflashdeconv.errors.InputError`
+naming the offending key, before any computation.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from .errors import DataWarning, InputError
+
+#: Labels that mean "no cell type" (matched case-insensitively, whole label).
+UNLABELLED = re.compile(
+    r"^\s*(unknown|unassigned|unclassified|undefined|unlabell?ed|ambiguous|unstable|doublets?|"
+    r"na|nan|none|other|low[ _-]?quality|not[ _-]?assigned|-|\?)\s*$",
+    re.IGNORECASE,
+)
+
+
+def _matrix(adata, layer, what: str):
+    if layer is None:
+        if adata.X is None:
+            raise InputError(f"{what} has no .X; pass layer=")
+        return adata.X
+    if layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not found in {what}.layers ({list(adata.layers)})")
+    return adata.layers[layer]
+
+
+def load_spatial_data(adata, layer: str | None = None, coord_key: str = "spatial"):
+    """``(Y, coords, gene_names)`` of a spatial AnnData (``Y`` is not copied).
+
+    Coordinates come from ``obsm[coord_key]``; as fallbacks the reference package's
+    ``obsm['X_spatial']``, ``obs[['x', 'y']]`` or ``obs[['array_row', 'array_col']]``.
+    """
+    Y = _matrix(adata, layer, "the spatial AnnData")
+    if coord_key in adata.obsm:
+        coords = np.asarray(adata.obsm[coord_key])
+    elif "X_spatial" in adata.obsm:
+        coords = np.asarray(adata.obsm["X_spatial"])
+    elif {"x", "y"} <= set(adata.obs.columns):
+        coords = adata.obs[["x", "y"]].to_numpy()
+    elif {"array_row", "array_col"} <= set(adata.obs.columns):
+        coords = adata.obs[["array_row", "array_col"]].to_numpy()
+    else:
+        raise InputError(
+            f"spatial coordinates missing: no obsm[{coord_key!r}] (obsm has {list(adata.obsm)}) "
+            "and no obs x/y columns"
+        )
+    return Y, coords, np.asarray(adata.var_names)
+
+
+def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | None = None,
+                   method: str = "mean"):
+    """``(X, cell_type_names, gene_names)``: mean (or summed) profile per labelled type.
+
+    Raises on missing labels, a category without cells or fewer than 2 types; warns on
+    labels such as "Unknown" or "Unassigned", which become a type of their own.
+    """
+    if method not in ("mean", "sum"):
+        raise InputError(f"method must be 'mean' or 'sum', got {method!r}")
+    if cell_type_key not in adata_ref.obs:
+        raise InputError(f"cell type key {cell_type_key!r} not found in the reference's .obs "
+                         f"(columns: {list(adata_ref.obs.columns)})")
+    labels = adata_ref.obs[cell_type_key]
+    n_missing = int(labels.isna().sum())
+    if n_missing:
+        raise InputError(f"{n_missing} reference cells have no {cell_type_key!r} label; drop them "
+                         f"first, e.g. adata_ref[adata_ref.obs[{cell_type_key!r}].notna()]")
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        counts = labels.value_counts(sort=False)
+        empty = counts.index[counts.to_numpy() == 0].tolist()
+        if empty:
+            raise InputError(f"cell type(s) {empty} have no cells in the reference "
+                             f"(unused categories of obs[{cell_type_key!r}]); remove them with "
+                             f".cat.remove_unused_categories()")
+    values = labels.astype(str).to_numpy()
+    types, codes = np.unique(values, return_inverse=True)
+    if types.size < 2:
+        raise InputError(f"the reference needs at least 2 cell types, got {types.tolist()}")
+    unlabelled = [t for t in types if UNLABELLED.match(t)]
+    if unlabelled:
+        warnings.warn(f"reference labels {unlabelled} look like missing annotations; they are "
+                      "kept as cell types of their own", DataWarning, stacklevel=2)
+    expr = _matrix(adata_ref, layer, "the reference AnnData")
+    indicator = sparse.csr_matrix(
+        (np.ones(codes.size), (codes, np.arange(codes.size))), shape=(types.size, codes.size)
+    )
+    X = indicator @ expr
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X, dtype=np.float64)
+    if method == "mean":
+        X /= np.bincount(codes, minlength=types.size)[:, None]
+    return X, types, np.asarray(adata_ref.var_names)
+
+
+def align_genes(Y, X, genes_spatial, genes_ref):
+    """Restrict ``Y`` and ``X`` to their common genes, in sorted name order."""
+    genes_spatial = np.asarray(genes_spatial).astype(str)
+    genes_ref = np.asarray(genes_ref).astype(str)
+    for name, g in (("spatial", genes_spatial), ("reference", genes_ref)):
+        _, first, counts = np.unique(g, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            dup = g[np.sort(first[counts > 1])][:5].tolist()
+            raise InputError(f"duplicate gene names in the {name} data, e.g. {dup}; make them "
+                             "unique (AnnData.var_names_make_unique)")
+    common, spatial_idx, ref_idx = np.intersect1d(genes_spatial, genes_ref, return_indices=True)
+    if common.size == 0:
+        raise InputError(
+            "no genes in common between the spatial data and the reference "
+            f"(e.g. {genes_spatial[:3].tolist()} vs {genes_ref[:3].tolist()}); check that both "
+            "use the same gene identifiers (symbols vs Ensembl IDs)"
+        )
+    return Y[:, spatial_idx], X[:, ref_idx], common
+
+
+def prepare_data(adata_st, adata_ref, cell_type_key: str = "cell_type",
+                 spatial_coord_key: str = "spatial", layer_st: str | None = None,
+                 layer_ref: str | None = None):
+    """``(Y, X, coords, cell_type_names, gene_names)`` ready for ``FlashDeconv.fit``."""
+    Y, coords, genes_st = load_spatial_data(adata_st, layer=layer_st, coord_key=spatial_coord_key)
+    X, types, genes_ref = load_reference(adata_ref, cell_type_key=cell_type_key, layer=layer_ref)
+    Y, X, genes = align_genes(Y, X, genes_st, genes_ref)
+    return Y, X, coords, types, genes
+
+
+def result_to_anndata(proportions, adata, cell_type_names=None, key_added: str = "flashdeconv"):
+    """Store proportions in ``obsm[key_added]`` (DataFrame) and the dominant type in
+    ``obs[key_added + '_dominant']`` (categorical)."""
+    proportions = np.asarray(proportions)
+    if proportions.ndim != 2 or proportions.shape[0] != adata.n_obs:
+        raise InputError(f"proportions of shape {proportions.shape} do not fit {adata.n_obs} spots")
+    columns = (np.asarray(cell_type_names).astype(str) if cell_type_names is not None
+               else np.array([f"CellType_{k}" for k in range(proportions.shape[1])]))
+    if columns.size != proportions.shape[1]:
+        raise InputError(f"{columns.size} cell type names for {proportions.shape[1]} columns")
+    adata.obsm[key_added] = pd.DataFrame(proportions, index=adata.obs_names, columns=columns)
+    adata.obs[f"{key_added}_dominant"] = pd.Categorical(
+        columns[np.argmax(proportions, axis=1)], categories=columns)
+    return adata

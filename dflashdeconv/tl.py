@@ -1,0 +1,59 @@
+"""Scanpy-style tools: results are written into the AnnData under ``key_added``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .core.model import FlashDeconv
+from .io import prepare_data, result_to_anndata
+
+
+def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_dim: int = 512,
+               lambda_spatial="auto", rho_sparsity: float = 0.01, n_hvg: int = 2000,
+               n_markers_per_type: int = 50, spatial_method: str = "knn", k_neighbors: int = 6,
+               radius: float | None = None, max_iter: int = 1000, tol: float = 1e-4,
+               preprocess: str = "log_cpm", layer_st: str | None = None,
+               layer_ref: str | None = None, spatial_key: str = "spatial",
+               key_added: str = "flashdeconv", random_state: int = 0,
+               gene_weighting: str = "expected", copy: bool = False):
+    """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
+
+    Same parameters as :class:`~dflashdeconv.FlashDeconv`; counts are taken from ``.X``
+    or ``layer_st``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are
+    matched by name. The count matrices are read, never modified.
+
+    Writes (returns None, or the modified copy with ``copy=True``):
+
+    - ``obsm[key_added]``: proportions (DataFrame, spots x cell types)
+    - ``obs[key_added + '_dominant']``: the largest type per spot (categorical)
+    - ``obs[key_added + '_zero_signal']``: spots without counts on the used genes, whose
+      (uniform) proportions carry no information
+    - ``uns[key_added + '_params']``: parameters, penalties used and convergence
+    """
+    adata = adata_st.copy() if copy else adata_st
+    Y, X, coords, types, _ = prepare_data(adata, adata_ref, cell_type_key=cell_type_key,
+                                          spatial_coord_key=spatial_key, layer_st=layer_st,
+                                          layer_ref=layer_ref)
+    model = FlashDeconv(sketch_dim=sketch_dim, lambda_spatial=lambda_spatial,
+                        rho_sparsity=rho_sparsity, n_hvg=n_hvg,
+                        n_markers_per_type=n_markers_per_type, spatial_method=spatial_method,
+                        k_neighbors=k_neighbors, radius=radius, max_iter=max_iter, tol=tol,
+                        preprocess=preprocess, random_state=random_state,
+                        gene_weighting=gene_weighting)
+    proportions = model.fit_transform(Y, X, coords, cell_type_names=types)
+    result_to_anndata(proportions, adata, types, key_added=key_added)
+    adata.obs[f"{key_added}_zero_signal"] = model.zero_signal_
+    adata.uns[f"{key_added}_params"] = {
+        **{name: value for name, value in model.get_params().items()
+           if name not in ("verbose", "radius")},
+        "radius": -1.0 if radius is None else float(radius),
+        "lambda_spatial": float(model.lambda_used_),
+        "lambda_spatial_requested": str(lambda_spatial),
+        "n_genes_used": int(model.gene_idx_.size),
+        "n_cell_types": int(types.size),
+        "cell_type_names": [str(t) for t in types],
+        "converged": bool(model.info_["converged"]),
+        "n_iterations": int(model.info_["n_iterations"]),
+        "n_zero_signal": int(np.sum(model.zero_signal_)),
+    }
+    return adata if copy else None
