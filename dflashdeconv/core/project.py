@@ -18,7 +18,7 @@ from .preprocess import MODE_CODES
 from .resample import poisson, spot_stream
 from .weights import Representation
 
-_LOG_CPM, _PEARSON = MODE_CODES["log_cpm"], MODE_CODES["pearson"]
+_LOG_CPM, _PEARSON, _RAW = MODE_CODES["log_cpm"], MODE_CODES["pearson"], MODE_CODES["raw"]
 
 
 @njit(cache=True)
@@ -141,22 +141,18 @@ def project(indptr, indices, data, transform: SpotTransform, *, seed: int = -1,
 
 @njit(parallel=True, cache=True)
 def _selected_sums_kernel(indptr, indices, data, gene_pos, n_selected, seed, replicate,
-                          row_offset, n_parts):
+                          row_offset, max_row_nnz, n_parts):
     n_rows = indptr.shape[0] - 1
     sums = np.zeros((n_parts, n_selected))
+    unit = np.ones(n_selected)
     for part in prange(n_parts):
-        lo = part * n_rows // n_parts
-        hi = (part + 1) * n_rows // n_parts
-        for i in range(lo, hi):
-            state = spot_stream(seed, replicate, row_offset + i) if seed >= 0 else np.uint64(0)
-            for q in range(indptr[i], indptr[i + 1]):
-                j = gene_pos[indices[q]]
-                if j < 0:
-                    continue
-                x = np.float64(data[q])
-                if seed >= 0:
-                    state, x = poisson(x, state)
-                sums[part, j] += x
+        pos = np.empty(max_row_nnz, np.int64)
+        val = np.empty(max_row_nnz)
+        for i in range(part * n_rows // n_parts, (part + 1) * n_rows // n_parts):
+            n, _ = gather_row(i, indptr, indices, data, gene_pos, _RAW, unit, seed, replicate,
+                              row_offset, pos, val)
+            for t in range(n):
+                sums[part, pos[t]] += val[t]
     return sums.sum(axis=0)
 
 
@@ -168,4 +164,4 @@ def selected_gene_sums(indptr, indices, data, gene_pos, n_selected, *, seed=-1, 
     """
     n_rows = len(indptr) - 1
     return _selected_sums_kernel(indptr, indices, data, gene_pos, n_selected, seed, replicate,
-                                 row_offset, _parts(n_rows))
+                                 row_offset, max(max_row_nnz(indptr), 1), _parts(n_rows))
