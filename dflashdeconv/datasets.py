@@ -59,11 +59,11 @@ def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(parallel=True, cache=True)
-def _dirichlet_rows(mean, concentration, seed, row_start):
+def _dirichlet_rows(mean, concentration, seed, spot_ids):
     n, K = mean.shape
     out = np.empty((n, K))
     for i in prange(n):
-        state = spot_stream(seed, _PROPORTION_STREAM, row_start + i)
+        state = spot_stream(seed, _PROPORTION_STREAM, spot_ids[i])
         total = 0.0
         for k in range(K):
             state, g = gamma(max(concentration * mean[i, k], 1e-3), state)
@@ -75,7 +75,7 @@ def _dirichlet_rows(mean, concentration, seed, row_start):
 
 
 @njit(parallel=True, cache=True)
-def _count_rows(proportions, depth, alias_prob, alias_idx, seed, row_start):
+def _count_rows(proportions, depth, alias_prob, alias_idx, seed, spot_ids):
     """CSR (indptr, indices, data) of Poisson(depth x mixture) counts, row by row.
 
     A spot's total is Poisson(depth_i); each molecule picks a type from the spot's
@@ -86,7 +86,7 @@ def _count_rows(proportions, depth, alias_prob, alias_idx, seed, row_start):
     G = alias_prob.shape[1]
     totals = np.empty(n, np.int64)
     for i in prange(n):
-        state = spot_stream(seed, _COUNT_STREAM, row_start + i)
+        state = spot_stream(seed, _COUNT_STREAM, spot_ids[i])
         state, t = poisson(depth[i], state)
         totals[i] = np.int64(t)
     bound = np.zeros(n + 1, np.int64)
@@ -96,7 +96,7 @@ def _count_rows(proportions, depth, alias_prob, alias_idx, seed, row_start):
     data = np.empty(bound[n], np.float32)
     nnz = np.zeros(n, np.int64)
     for i in prange(n):
-        state = spot_stream(seed, _COUNT_STREAM, row_start + i)
+        state = spot_stream(seed, _COUNT_STREAM, spot_ids[i])
         state, _ = poisson(depth[i], state)
         counts = np.zeros(G, np.int64)
         cumulative = np.cumsum(proportions[i])
@@ -194,37 +194,63 @@ class SyntheticTissue:
         amp = rng.uniform(0.5, 1.5, (self.n_types, n_waves))
         return freq, phase, amp
 
-    def coords(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Grid coordinates (x = column, y = row) of spots ``start:stop``."""
-        idx = np.arange(start, self.n_spots if stop is None else stop)
+    def _ids(self, start, stop) -> np.ndarray:
+        return np.arange(start, self.n_spots if stop is None else stop)
+
+    def coords(self, start: int = 0, stop: int | None = None, *, ids=None) -> np.ndarray:
+        """Grid coordinates (x = column, y = row) of spots ``start:stop`` (or ``ids``)."""
+        idx = self._ids(start, stop) if ids is None else np.asarray(ids)
         return np.column_stack([idx % self.width, idx // self.width]).astype(np.float64)
 
-    def proportions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """True proportions of spots ``start:stop``: Dirichlet around a smooth softmax field."""
-        xy = self.coords(start, stop)
+    def proportions(self, start: int = 0, stop: int | None = None, *, ids=None) -> np.ndarray:
+        """True proportions: Dirichlet around a smooth softmax field over space."""
+        ids = self._ids(start, stop) if ids is None else np.asarray(ids, np.int64)
+        xy = self.coords(ids=ids)
         freq, phase, amp = self._field()
         logits = np.einsum("kw,nkw->nk", amp, np.cos(np.einsum("kwd,nd->nkw", freq, xy) + phase))
         mean = np.exp(2.0 * logits)
         mean /= mean.sum(axis=1, keepdims=True)
-        return _dirichlet_rows(mean, float(self.concentration), self.seed, start)
+        return _dirichlet_rows(mean, float(self.concentration), self.seed, ids)
 
-    def spot_depths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def spot_depths(self, start: int = 0, stop: int | None = None, *, ids=None) -> np.ndarray:
         """Expected counts per spot (log-normal around ``depth``, smooth in space)."""
-        xy = self.coords(start, stop)
+        xy = self.coords(start, stop, ids=ids)
         wave = np.sin(xy[:, 0] * 2 * np.pi / max(self.width / 3, 1)) * np.cos(
             xy[:, 1] * 2 * np.pi / max(self.width / 4, 1))
         return self.depth * np.exp(0.25 * wave)
 
-    def counts(self, start: int = 0, stop: int | None = None) -> sparse.csr_matrix:
-        """Spot counts (CSR float32, spots ``start:stop`` x genes)."""
-        stop = self.n_spots if stop is None else stop
+    def counts(self, start: int = 0, stop: int | None = None, *, ids=None) -> sparse.csr_matrix:
+        """Spot counts (CSR float32, spots x genes) of ``start:stop`` (or ``ids``)."""
+        ids = self._ids(start, stop) if ids is None else np.asarray(ids, np.int64)
         tables = [_alias_table(p) for p in self.profiles()]
         alias_prob = np.stack([t[0] for t in tables])
         alias_idx = np.stack([t[1] for t in tables]).astype(np.int64)
-        indptr, indices, data = _count_rows(self.proportions(start, stop),
-                                            self.spot_depths(start, stop), alias_prob, alias_idx,
-                                            self.seed, start)
-        return sparse.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+        indptr, indices, data = _count_rows(self.proportions(ids=ids), self.spot_depths(ids=ids),
+                                            alias_prob, alias_idx, self.seed, ids)
+        return sparse.csr_matrix((data, indices, indptr), shape=(ids.size, self.n_genes))
+
+    def write_store(self, path, chunk_rows: int | None = None, progress=None):
+        """Write the tissue as a spot store, block by block in spatial order.
+
+        Memory is bounded by one block; every spot is a function of (seed, spot index),
+        so the store holds exactly the spots :meth:`counts` returns. Returns the opened
+        :class:`~dflashdeconv.engine.store.SpotStore`.
+        """
+        from .engine.store import StoreWriter, choose_chunk_rows, spatial_order
+
+        coords = self.coords()
+        order = spatial_order(coords)
+        if chunk_rows is None:
+            sample = self.counts(ids=order[: min(2000, self.n_spots)])
+            chunk_rows = choose_chunk_rows(sample.nnz / sample.shape[0])
+        names = np.char.add("spot", np.char.zfill(order.astype(str), 9))
+        writer = StoreWriter(path, names, self.gene_names, coords[order], order, chunk_rows,
+                             source=f"synthetic:{self.__repr__()}")
+        for start in range(0, self.n_spots, chunk_rows):
+            writer.append(self.counts(ids=order[start:start + chunk_rows]))
+            if progress is not None:
+                progress(min(start + chunk_rows, self.n_spots), self.n_spots)
+        return writer.close()
 
     def reference(self):
         """Single-cell reference AnnData: negative-binomial cells, ``obs['cell_type']``."""
@@ -254,7 +280,7 @@ class SyntheticTissue:
         import pandas as pd
 
         stop = self.n_spots if stop is None else stop
-        names = pd.Index([f"spot{i:08d}" for i in range(start, stop)])
+        names = pd.Index(np.char.add("spot", np.char.zfill(self._ids(start, stop).astype(str), 9)))
         truth = pd.DataFrame(self.proportions(start, stop), index=names,
                              columns=self.cell_type_names)
         adata = ad.AnnData(self.counts(start, stop), obs=pd.DataFrame(index=names),

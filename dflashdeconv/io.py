@@ -101,8 +101,11 @@ def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | Non
     return X, types, np.asarray(adata_ref.var_names)
 
 
-def align_genes(Y, X, genes_spatial, genes_ref):
-    """Restrict ``Y`` and ``X`` to their common genes, in sorted name order."""
+def shared_genes(genes_spatial, genes_ref):
+    """``(common names (sorted), spatial indices, reference indices)`` of the shared genes.
+
+    Raises when either list repeats a name or when no gene is shared.
+    """
     genes_spatial = np.asarray(genes_spatial).astype(str)
     genes_ref = np.asarray(genes_ref).astype(str)
     for name, g in (("spatial", genes_spatial), ("reference", genes_ref)):
@@ -118,6 +121,12 @@ def align_genes(Y, X, genes_spatial, genes_ref):
             f"(e.g. {genes_spatial[:3].tolist()} vs {genes_ref[:3].tolist()}); check that both "
             "use the same gene identifiers (symbols vs Ensembl IDs)"
         )
+    return common, spatial_idx, ref_idx
+
+
+def align_genes(Y, X, genes_spatial, genes_ref):
+    """Restrict ``Y`` and ``X`` to their common genes, in sorted name order."""
+    common, spatial_idx, ref_idx = shared_genes(genes_spatial, genes_ref)
     return Y[:, spatial_idx], X[:, ref_idx], common
 
 

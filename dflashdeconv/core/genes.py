@@ -78,7 +78,7 @@ class GeneMoments:
 
 
 @njit(parallel=True, cache=True)
-def _moments_kernel(indptr, indices, data, n_genes, n_parts):
+def _moments_kernel(indptr, indices, data, column_map, n_genes, n_parts):
     n_rows = indptr.shape[0] - 1
     log_sum = np.zeros((n_parts, n_genes), np.int64)
     log_sumsq = np.zeros((n_parts, n_genes), np.int64)
@@ -90,13 +90,16 @@ def _moments_kernel(indptr, indices, data, n_genes, n_parts):
         for i in range(lo, hi):
             total = 0.0
             for q in range(indptr[i], indptr[i + 1]):
-                total += data[q]
+                if column_map[indices[q]] >= 0:
+                    total += data[q]
             if total <= 0.0:
                 n_empty[part] += 1
             scale = LIBRARY_SCALE / max(total, 1.0)
             for q in range(indptr[i], indptr[i + 1]):
+                g = column_map[indices[q]]
+                if g < 0:
+                    continue
                 x = np.float64(data[q])
-                g = indices[q]
                 v = np.log1p(x * scale)
                 log_sum[part, g] += np.int64(np.rint(v * _FIXED_POINT))
                 log_sumsq[part, g] += np.int64(np.rint(v * v * _FIXED_POINT))
@@ -104,17 +107,22 @@ def _moments_kernel(indptr, indices, data, n_genes, n_parts):
     return log_sum.sum(axis=0), log_sumsq.sum(axis=0), raw_sum.sum(axis=0), n_empty.sum()
 
 
-def gene_moments(indptr, indices, data, n_genes: int) -> GeneMoments:
+def gene_moments(indptr, indices, data, n_genes: int, column_map=None) -> GeneMoments:
     """Per-gene HVG statistics of the CSR rows described by ``indptr`` (absolute offsets).
 
-    The rows are split over the numba threads; the result does not depend on that split.
+    ``column_map`` (matrix column -> gene position, -1 to ignore) restricts the statistics,
+    library sizes included, to a subset of the columns, as if the matrix had been subset
+    to the genes shared with a reference; ``n_genes`` is then the subset's size. The rows
+    are split over the numba threads; the result does not depend on that split.
     """
     n_rows = len(indptr) - 1
     if n_rows == 0:
         return GeneMoments.zeros(n_genes)
+    if column_map is None:
+        column_map = np.arange(n_genes, dtype=np.int64)
     n_parts = int(min(max(n_rows // 256, 1), 64))
     log_sum, log_sumsq, raw_sum, n_empty = _moments_kernel(
-        indptr, indices, data, n_genes, n_parts
+        indptr, indices, data, np.asarray(column_map, np.int64), n_genes, n_parts
     )
     return GeneMoments(log_sum, log_sumsq, raw_sum, n_rows, int(n_empty))
 

@@ -57,15 +57,22 @@ def symmetric_adjacency(rows: np.ndarray, cols: np.ndarray, n: int) -> sparse.cs
     return A
 
 
-def knn_graph(coords: np.ndarray, k: int = 6) -> sparse.csr_matrix:
-    """Symmetrised k-NN graph (each spot keeps its k nearest others; degree >= k)."""
+def knn_graph(coords: np.ndarray, k: int = 6, tie_key: np.ndarray | None = None) -> sparse.csr_matrix:
+    """Symmetrised k-NN graph (each spot keeps its k nearest others; degree >= k).
+
+    Ties at the k-th distance go to the lower ``tie_key`` (default: the row index; the
+    engine passes the row a spot had in its source, so sorting rows changes nothing).
+    """
     n = coords.shape[0]
     k = min(k, n - 1)
     if k <= 0:
         return sparse.csr_matrix((n, n))
-    ids = np.arange(n)
-    neighbours = knn_indices(cKDTree(coords), coords, ids, k)
-    return symmetric_adjacency(np.repeat(ids, k), neighbours.ravel(), n)
+    key = np.arange(n) if tie_key is None else np.asarray(tie_key, np.int64)
+    neighbours = knn_indices(cKDTree(coords), coords, key, k, candidate_ids=key)
+    if tie_key is not None:
+        order = np.argsort(key)
+        neighbours = order[np.searchsorted(key, neighbours, sorter=order)]
+    return symmetric_adjacency(np.repeat(np.arange(n), k), neighbours.ravel(), n)
 
 
 def radius_graph(coords: np.ndarray, radius: float) -> sparse.csr_matrix:
@@ -84,11 +91,11 @@ def grid_spacing(coords: np.ndarray) -> float:
 
 
 def spatial_graph(coords: np.ndarray, method: str = "knn", k: int = 6,
-                  radius: float | None = None) -> sparse.csr_matrix:
+                  radius: float | None = None, tie_key: np.ndarray | None = None) -> sparse.csr_matrix:
     """Adjacency of ``method`` (``knn``, ``radius`` or ``grid`` = 1.5 x grid spacing)."""
     coords = np.asarray(coords, dtype=np.float64)
     if method == "knn":
-        return knn_graph(coords, k)
+        return knn_graph(coords, k, tie_key)
     if method == "radius":
         if radius is None:
             raise ValueError("spatial_method='radius' needs a radius")

@@ -71,6 +71,21 @@ def fit_parameters(model) -> dict[str, Any]:
     return p
 
 
+def build_transform(spot_gene_mean, X, genes, leverage, n_columns, params,
+                    columns=None) -> SpotTransform:
+    """The map from raw counts to the solver's space for the selected ``genes``.
+
+    ``columns`` gives the count-matrix column of each gene of ``X`` when the matrix has
+    more genes than the reference (a store); by default gene j is column j.
+    """
+    X_tilde = preprocess_reference(X[:, genes], params["preprocess"])
+    rep = build_representation(X_tilde, leverage, params["gene_weighting"],
+                               params["sketch_dim"], params["random_state"])
+    scale = spot_gene_scale(params["preprocess"], spot_gene_mean, genes.size)
+    selected_columns = genes if columns is None else np.asarray(columns)[genes]
+    return SpotTransform.build(n_columns, selected_columns, params["preprocess"], scale, rep)
+
+
 class FlashDeconv:
     """Spatially regularised cell-type deconvolution (FlashDeconv, Yang, Zhang & Chen 2025).
 
@@ -187,7 +202,7 @@ class FlashDeconv:
         self._log(f"{genes.size} genes selected ({timings['gene_selection']:.2f} s)")
 
         t0 = time.perf_counter()
-        transform = self._transform(moments.raw_mean[genes], X, genes, leverage, n_genes, params)
+        transform = build_transform(moments.raw_mean[genes], X, genes, leverage, n_genes, params)
         H, ysq, totals = self._project(Y, transform, n_spots)
         timings["projection"] = time.perf_counter() - t0
         self._log(f"projected to {transform.rep.dim} dimensions ({timings['projection']:.2f} s)")
@@ -234,13 +249,6 @@ class FlashDeconv:
     def fit_transform(self, Y, X, coords, **kwargs) -> np.ndarray:
         """``fit`` and return the proportions (N x K, rows sum to 1)."""
         return self.fit(Y, X, coords, **kwargs).proportions_
-
-    def _transform(self, spot_gene_mean, X, genes, leverage, n_genes, params) -> SpotTransform:
-        X_tilde = preprocess_reference(X[:, genes], params["preprocess"])
-        rep = build_representation(X_tilde, leverage, params["gene_weighting"],
-                                   params["sketch_dim"], params["random_state"])
-        scale = spot_gene_scale(params["preprocess"], spot_gene_mean, genes.size)
-        return SpotTransform.build(n_genes, genes, params["preprocess"], scale, rep)
 
     @staticmethod
     def _project(Y, transform, n_spots, **resample):

@@ -1,0 +1,1 @@
+"""Dask orchestration over zarr stores: the out-of-core path of the same core kernels."""

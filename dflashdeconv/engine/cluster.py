@@ -1,0 +1,111 @@
+"""Where the work runs: a LocalCluster by default, an existing scheduler or Client otherwise.
+
+GPU workers are ordinary Dask workers that declare the resource ``GPU=1``
+(``dask worker ADDRESS --resources GPU=1``); tasks that want a GPU are submitted with
+``resources={"GPU": 1}`` when such workers exist and run on any worker otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import psutil
+
+#: Resource name that GPU workers declare.
+GPU_RESOURCE = "GPU"
+
+
+def local_cluster_options(n_workers: int | None = None, threads_per_worker: int | None = None,
+                          memory_limit: int | str | None = None) -> dict:
+    """LocalCluster sizing from the machine: one single-threaded worker per core (numba
+    kernels parallelise inside a task only when a worker has several threads) and the
+    memory the machine has available, split between workers, with a quarter kept back
+    for the client and the OS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_workers = n_workers or max(1, cores or 1)
+    threads_per_worker = threads_per_worker or max(1, (cores or 1) // n_workers)
+    if memory_limit is None:
+        memory_limit = int(psutil.virtual_memory().available * 0.75 / n_workers)
+    return {"n_workers": n_workers, "threads_per_worker": threads_per_worker,
+            "memory_limit": memory_limit}
+
+
+@dataclass
+class Connection:
+    """A Client and whether this process started (and must close) its cluster."""
+
+    client: object
+    owns_cluster: bool
+
+    def close(self) -> None:
+        if self.owns_cluster:
+            cluster = self.client.cluster
+            self.client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_limit=None,
+            quiet: bool = False, **cluster_kwargs) -> Connection:
+    """A Dask client for the engine.
+
+    ``scheduler`` may be a ``distributed.Client`` (used as is), a scheduler address such
+    as ``tcp://10.0.0.5:8786`` (connected to) or None (a LocalCluster sized from the
+    machine, closed with the connection). The dashboard address is printed unless
+    ``quiet``.
+    """
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return Connection(scheduler, owns_cluster=False)
+    if scheduler is not None:
+        client = Client(scheduler)
+        owns = False
+    else:
+        options = local_cluster_options(n_workers, threads_per_worker, memory_limit)
+        options.update(cluster_kwargs)
+        cluster = LocalCluster(processes=True, dashboard_address=":0", **options)
+        client = Client(cluster)
+        owns = True
+    if not quiet:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+    return Connection(client, owns_cluster=owns)
+
+
+def gpu_workers(client) -> list[str]:
+    """Addresses of the workers that declare a GPU resource."""
+    info = client.scheduler_info()["workers"]
+    return sorted(addr for addr, w in info.items() if w.get("resources", {}).get(GPU_RESOURCE, 0) > 0)
+
+
+def gpu_task_options(client) -> dict:
+    """``client.submit`` keyword arguments that send a task to a GPU worker when there is one."""
+    return {"resources": {GPU_RESOURCE: 1}} if gpu_workers(client) else {}
+
+
+def task_device() -> str:
+    """Torch device for the task running in this worker: its GPU if the worker declares
+    one and CUDA is usable, else ``"cpu"``.
+
+    A worker is pinned to one GPU by ``CUDA_VISIBLE_DEVICES`` (one worker per GPU), so the
+    device is always ``cuda:0`` within the worker.
+    """
+    with contextlib.suppress(ImportError, ValueError):
+        from distributed import get_worker
+
+        worker = get_worker()
+        declares = worker.state.total_resources.get(GPU_RESOURCE, 0) > 0
+        import torch
+
+        if declares and torch.cuda.is_available():
+            return "cuda:0"
+    return "cpu"

@@ -1,0 +1,86 @@
+"""The two streaming passes over a spot store, as Dask tasks over blocks.
+
+Each task reads one block (a row chunk) and calls a core kernel on it, as dask-image
+wraps scipy.ndimage: (a) :func:`~dflashdeconv.core.genes.gene_moments` for the HVG and
+Pearson statistics, merged by exact integer sums; (b)
+:func:`~dflashdeconv.core.project.project` for ``H = Y_repr X_repr^T`` and the spot norms,
+written block-aligned into the run group of the store. After (b) the counts are not read
+again by the solver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.genes import GeneMoments, gene_moments
+from ..core.project import SpotTransform, project
+from ..core.validation import _count_bad
+from ..errors import InputError
+from .progress import track
+from .store import SpotStore
+
+
+def check_block(store: SpotStore, block: int, indices, data) -> None:
+    """Raise :class:`InputError` naming the block, its rows and the problem."""
+    start, stop = store.block_rows(block)
+    where = f"{store.path}: block {block} (rows {start}-{stop - 1})"
+    if data.size and data.dtype.kind not in "fiu":
+        raise InputError(f"{where}: counts have dtype {data.dtype}, numbers expected")
+    if data.size and data.dtype.kind != "u":
+        n_nonfinite, n_negative = _count_bad(data)
+        if n_nonfinite:
+            raise InputError(f"{where}: {n_nonfinite} NaN or infinite count(s)")
+        if n_negative:
+            raise InputError(f"{where}: {n_negative} negative count(s)")
+    if indices.size and (indices.min() < 0 or indices.max() >= store.n_genes):
+        raise InputError(f"{where}: gene index out of range (corrupt X/indices)")
+
+
+def block_moments(store: SpotStore, block: int, column_map: np.ndarray) -> GeneMoments:
+    """Pass (a) on one block: checked HVG statistics over the mapped columns."""
+    indptr, indices, data = store.read_block(block)
+    check_block(store, block, indices, data)
+    return gene_moments(indptr, indices, data, int(column_map.max()) + 1, column_map)
+
+
+def merge_moments(parts) -> GeneMoments:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
+                    progress: bool = True) -> GeneMoments:
+    """Gene statistics of the whole store over the columns that ``column_map`` keeps (store
+    column -> gene position or -1); bad counts or chunks fail here, before any fit."""
+    shared = client.scatter(column_map, broadcast=True)
+    futures = client.map(block_moments, [store] * store.n_blocks, range(store.n_blocks),
+                         [shared] * store.n_blocks, pure=False)
+    track(futures, "pass 1/2 gene statistics", enabled=progress)
+    return client.submit(merge_moments, futures, pure=False).result()
+
+
+def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str | None):
+    """Pass (b) on one block: ``(H, ysq, selected_totals)``; written to ``run_path`` too."""
+    indptr, indices, data = store.read_block(block)
+    start, stop = store.block_rows(block)
+    H, ysq, totals = project(indptr, indices, data, transform, row_offset=start)
+    if run_path is not None:
+        from .store import open_zarr
+
+        run = open_zarr(run_path, "r+")
+        run["H"][start:stop] = H
+        run["ysq"][start:stop] = ysq
+        run["selected_totals"][start:stop] = totals
+    return H, ysq, totals
+
+
+def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path: str | None,
+                    *, progress: bool = True) -> list:
+    """Futures of the per-block ``(H, ysq, totals)``, kept in worker memory for the solver."""
+    shared = client.scatter(transform, broadcast=True)
+    futures = client.map(block_projection, [store] * store.n_blocks, range(store.n_blocks),
+                         [shared] * store.n_blocks, [run_path] * store.n_blocks, pure=False)
+    track(futures, "pass 2/2 projection", enabled=progress)
+    return futures

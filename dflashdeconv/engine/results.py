@@ -1,0 +1,171 @@
+"""Results written back into a spot store without touching the input, and never half-visible.
+
+For ``key_added = K`` a run works in ``uns/K_run`` (intermediates ``H``, ``ysq``,
+``selected_totals``, ``beta`` and the ``staging`` group). Blocks write their rows of the
+results into ``staging``; when all are written they are published:
+
+    obsm/K                 proportions (AnnData DataFrame: one column per cell type)
+    obs/K_dominant         dominant type (categorical)
+    obs/K_zero_signal      spots without counts on the used genes
+    uns/K_params           parameters and convergence, written last: the completion mark
+
+On a local file system publishing is a directory rename (atomic); on object stores the
+arrays are copied. :func:`read_results` refuses a key without ``uns/K_params``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from .store import SpotStore, _ALL_CHUNKS, fast_codec, open_zarr
+
+INPUT_KEYS = {"spatial", "input_row", "_index"}
+
+
+def run_group_name(key: str) -> str:
+    return f"{key}_run"
+
+
+def _dict_group(parent, name):
+    group = parent.require_group(name)
+    group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    return group
+
+
+def _array(group, name, shape, dtype, chunk_rows):
+    array = group.create_array(name, shape=shape, dtype=dtype, overwrite=True,
+                               chunks=(chunk_rows, *shape[1:]), config=_ALL_CHUNKS,
+                               compressors=fast_codec())
+    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return array
+
+
+def prepare_run(store: SpotStore, key: str, cell_types, overwrite: bool = False) -> str:
+    """Create ``uns/K_run`` with empty result arrays; returns its path (zarr URL/path)."""
+    if not key or "/" in key or key in INPUT_KEYS:
+        raise InputError(f"key_added {key!r} is not allowed (reserved or contains '/')")
+    root = store.root("r+")
+    taken = key in root["obsm"] or f"{key}_params" in root["uns"]
+    if taken and not overwrite:
+        raise InputError(f"{store.path} already holds results under {key!r}; choose another "
+                         "key_added or pass overwrite=True")
+    if key in root["obsm"] and f"{key}_params" not in root["uns"] and f"{run_group_name(key)}" not in root["uns"]:
+        raise InputError(f"obsm/{key} in {store.path} was not written by dflashdeconv; "
+                         "choose another key_added")
+    names = pd.Index([str(t) for t in cell_types])
+    if names.duplicated().any() or any("/" in t or t in ("", ".", "..") for t in names):
+        raise InputError(f"cell type names must be unique, non-empty and free of '/': {list(names)}")
+    n, K, rows = store.n_spots, len(cell_types), store.chunk_rows
+    run = _dict_group(root["uns"], run_group_name(key))
+    for name, shape in (("H", (n, K)), ("beta", (n, K)), ("ysq", (n,)), ("selected_totals", (n,))):
+        _array(run, name, shape, np.float64, rows)
+    staging = _dict_group(run, "staging")
+    frame = staging.require_group("proportions")
+    frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
+                        "_index": "_index", "column-order": [str(t) for t in cell_types]})
+    for name in names:
+        _array(frame, name, (n,), np.float64, rows)
+    _array(staging, "dominant_codes", (n,), np.int16, rows)
+    _array(staging, "zero_signal", (n,), bool, rows)
+    run.attrs.update({"status": "running", "cell_types": [str(t) for t in cell_types]})
+    return f"{store.path.rstrip('/')}/uns/{run_group_name(key)}"
+
+
+def write_block_results(store: SpotStore, run_path: str, block: int, beta: np.ndarray,
+                        totals: np.ndarray) -> int:
+    """One block's rows of ``beta``, proportions, dominant type and zero-signal flag;
+    returns the number of zero-signal spots."""
+    from ..core.solver import normalize_proportions
+
+    start, stop = store.block_rows(block)
+    run = open_zarr(run_path, "r+")
+    proportions, all_zero = normalize_proportions(beta)
+    run["beta"][start:stop] = beta
+    frame = run["staging"]["proportions"]
+    for k, name in enumerate(run.attrs["cell_types"]):
+        frame[name][start:stop] = proportions[:, k]
+    run["staging"]["dominant_codes"][start:stop] = np.argmax(proportions, axis=1).astype(np.int16)
+    zero = all_zero | (totals <= 0)
+    run["staging"]["zero_signal"][start:stop] = zero
+    return int(zero.sum())
+
+
+def _local_dir(store_path: str) -> Path | None:
+    if "://" in store_path and not store_path.startswith("file://"):
+        return None
+    return Path(store_path.removeprefix("file://"))
+
+
+def _move(store: SpotStore, source: str, target: str) -> None:
+    """Move a zarr node inside the store: a rename on disk, else a copy then delete."""
+    local = _local_dir(store.path)
+    if local is not None:
+        if (local / target).exists():
+            shutil.rmtree(local / target)
+        os.rename(local / source, local / target)
+        return
+    root = store.root("r+")
+    src = root[source]
+    parent_path, _, name = target.rpartition("/")
+    parent = root[parent_path]
+    if name in parent:
+        del parent[name]
+    _copy_node(src, parent, name)
+    del root[source.rpartition("/")[0]][source.rpartition("/")[2]]
+
+
+def _copy_node(src, parent, name):
+    import zarr
+
+    if isinstance(src, zarr.Array):
+        out = parent.create_array(name, shape=src.shape, dtype=src.dtype, chunks=src.chunks,
+                                  config=_ALL_CHUNKS, compressors=fast_codec())
+        out[...] = src[...]
+        out.attrs.update(src.attrs.asdict())
+        return
+    group = parent.create_group(name)
+    group.attrs.update(src.attrs.asdict())
+    for child_name, child in src.members():
+        _copy_node(child, group, child_name)
+
+
+def publish(store: SpotStore, key: str, params: dict) -> None:
+    """Make a complete run visible: obsm/K, obs columns, then uns/K_params last."""
+    from anndata.io import write_elem
+
+    root = store.root("r+")
+    run_name = run_group_name(key)
+    run = root["uns"][run_name]
+    cell_types = list(run.attrs["cell_types"])
+    staging = run["staging"]
+    write_elem(staging["proportions"], "_index", store.obs_names().to_numpy().astype(object))
+    codes = np.asarray(staging["dominant_codes"][...])
+    write_elem(staging, "dominant", pd.Categorical.from_codes(codes, categories=cell_types))
+    _move(store, f"uns/{run_name}/staging/proportions", f"obsm/{key}")
+    _move(store, f"uns/{run_name}/staging/dominant", f"obs/{key}_dominant")
+    _move(store, f"uns/{run_name}/staging/zero_signal", f"obs/{key}_zero_signal")
+    root = store.root("r+")
+    obs = root["obs"]
+    order = [c for c in obs.attrs.get("column-order", []) if c not in (f"{key}_dominant",
+                                                                        f"{key}_zero_signal")]
+    obs.attrs["column-order"] = order + [f"{key}_dominant", f"{key}_zero_signal"]
+    root["uns"][run_name].attrs["status"] = "complete"
+    if f"{key}_params" in root["uns"]:
+        del root["uns"][f"{key}_params"]
+    write_elem(root["uns"], f"{key}_params", params)
+
+
+def read_results(path, key: str = "flashdeconv") -> pd.DataFrame:
+    """Proportions of a completed run (DataFrame spots x cell types)."""
+    from anndata.io import read_elem
+
+    root = open_zarr(path, "r")
+    if f"{key}_params" not in root["uns"]:
+        raise InputError(f"{path} holds no completed results under {key!r}")
+    return read_elem(root["obsm"][key])

@@ -1,0 +1,340 @@
+"""The spot store: an AnnData zarr (v3) store whose rows follow a Hilbert curve over space.
+
+Because rows are in Hilbert order, every run of consecutive rows is a compact patch of
+tissue, so the engine's spatial blocks are simply regular row chunks of ``chunk_rows``
+rows: zarr chunks of the per-spot arrays align with blocks and each block is read, and
+its results written, by exactly one task.
+
+Layout (``anndata.read_zarr`` opens it)::
+
+    X/{data,indices,indptr}      CSR counts, appended chunk by chunk (input, read only)
+    obs/_index, obs/input_row    spot names, row of the spot in the source
+    var/_index                   gene names
+    obsm/spatial                 coordinates (N x 2 or N x 3), chunked by blocks
+    uns/dflashdeconv_layout      chunk_rows, source, format version; written last
+
+Results are written under other keys (see :mod:`dflashdeconv.engine.results`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from scipy import sparse
+
+from ..errors import InputError
+
+LAYOUT_KEY = "dflashdeconv_layout"
+FORMAT_VERSION = 1
+#: Elements per zarr chunk of the 1-D CSR arrays (16 MiB of float32).
+NNZ_CHUNK = 1 << 22
+#: Store every chunk, also all-zero ones: a missing chunk then always means damage.
+_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+def fast_codec():
+    """LZ4 with bit shuffling: counts and sorted gene indices compress ~4x and decompress
+    several times faster than zarr's default zstd, which makes the passes I/O-light."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+#: Default number of non-zeros per block (row chunk): ~256 MB of float32 data + int32 indices.
+TARGET_BLOCK_NNZ = 1 << 25
+
+
+def _quiet_zarr():
+    """zarr warns about v3 features (consolidated metadata, sharding) on every write."""
+    warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+
+
+_quiet_zarr()
+
+
+# --------------------------------------------------------------------------- spatial order
+def _hilbert_2d(ix: np.ndarray, iy: np.ndarray, order: int) -> np.ndarray:
+    """Distance along the Hilbert curve of integer cells (vectorised bit rotation)."""
+    x = ix.astype(np.int64).copy()
+    y = iy.astype(np.int64).copy()
+    d = np.zeros(x.shape, np.int64)
+    s = np.int64(1) << (order - 1)
+    while s > 0:
+        rx = (x & s) > 0
+        ry = (y & s) > 0
+        d += s * s * ((3 * rx) ^ ry)
+        # rotate the quadrant so that the curve inside it has the standard orientation
+        flip = ~ry & rx
+        x = np.where(flip, s - 1 - x, x)
+        y = np.where(flip, s - 1 - y, y)
+        swap = ~ry
+        x, y = np.where(swap, y, x), np.where(swap, x, y)
+        s >>= 1
+    return d
+
+
+def spatial_order(coords: np.ndarray, tie_key: np.ndarray | None = None, bits: int = 16) -> np.ndarray:
+    """Permutation that sorts spots along a Hilbert curve (2-D) or Z-order curve (3-D).
+
+    Coordinates are quantised to a ``2**bits`` grid over their bounding box; spots in one
+    cell keep the order of ``tie_key`` (default: input order).
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    n = coords.shape[0]
+    tie_key = np.arange(n) if tie_key is None else np.asarray(tie_key)
+    lo = coords.min(axis=0)
+    span = np.maximum(coords.max(axis=0) - lo, 1e-300)
+    cells = np.minimum(((coords - lo) / span.max() * (2**bits)).astype(np.int64), 2**bits - 1)
+    if coords.shape[1] == 2:
+        key = _hilbert_2d(cells[:, 0], cells[:, 1], bits)
+    else:
+        key = np.zeros(n, np.int64)
+        for bit in range(min(bits, 21)):
+            for axis in range(3):
+                key |= ((cells[:, axis] >> (bits - 1 - bit)) & 1) << (62 - 3 * bit - axis)
+    return np.lexsort((tie_key, key))
+
+
+def choose_chunk_rows(nnz_per_row: float, target_nnz: int = TARGET_BLOCK_NNZ) -> int:
+    """Rows per block so that a block holds about ``target_nnz`` non-zeros (multiple of 1024)."""
+    rows = int(target_nnz / max(nnz_per_row, 1.0))
+    return int(min(max(1024, rows // 1024 * 1024), 1 << 20))
+
+
+# --------------------------------------------------------------------------- opening stores
+def open_zarr(path, mode: str = "r"):
+    """A zarr group for a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``)."""
+    path = str(path)
+    if "://" in path and not path.startswith("file://"):
+        from zarr.storage import FsspecStore
+
+        store = FsspecStore.from_url(path, read_only=(mode == "r"))
+        return zarr.open_group(store, mode=mode, zarr_format=3 if mode == "w" else None)
+    return zarr.open_group(path.removeprefix("file://"), mode=mode,
+                           zarr_format=3 if mode == "w" else None)
+
+
+def missing_chunks(array) -> list[int]:
+    """Indices of the chunks of a 1-D/2-D-by-rows zarr array that are not stored.
+
+    zarr reads a missing chunk as its fill value, silently: the store writer stores every
+    chunk (``write_empty_chunks``), so a missing one means a damaged store.
+    """
+    from zarr.core.sync import sync
+
+    async def listing():
+        return [key async for key in array.store.list_prefix(array.path + "/c/")]
+
+    stored = {int(key.rsplit("/c/", 1)[1].split("/")[0]) for key in sync(listing())}
+    return [c for c in range(array._chunk_grid_shape[0]) if c not in stored]
+
+
+def _read_index(group) -> pd.Index:
+    name = group.attrs.get("_index", "_index")
+    return pd.Index(np.asarray(group[name][...]).astype(object)).astype(str)
+
+
+@dataclass
+class SpotStore:
+    """Read-only handle on a spot store: metadata in memory, counts read block by block."""
+
+    path: str
+    n_spots: int
+    n_genes: int
+    chunk_rows: int
+    nnz: int
+    gene_names: np.ndarray
+    source: str
+
+    @classmethod
+    def open(cls, path) -> "SpotStore":
+        """Open and check a store written by :class:`StoreWriter`."""
+        try:
+            root = open_zarr(path, "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+            raise InputError(f"no zarr store at {path}") from error
+        uns = root.get("uns")
+        if uns is None or LAYOUT_KEY not in uns:
+            raise InputError(
+                f"{path} is not a complete dflashdeconv spot store (no uns/{LAYOUT_KEY}); "
+                "convert it with `dflashdeconv ingest` (an interrupted ingest leaves no layout)")
+        layout = dict(uns[LAYOUT_KEY].attrs)
+        for key in ("X", "var", "obsm"):
+            if key not in root:
+                raise InputError(f"{path} has no {key!r}: not a spot store")
+        if "spatial" not in root["obsm"]:
+            raise InputError(f"{path} has no obsm/spatial: spot coordinates are missing")
+        X = root["X"]
+        shape = tuple(X.attrs.get("shape", ()))
+        if X.attrs.get("encoding-type") != "csr_matrix" or len(shape) != 2:
+            raise InputError(f"{path}/X is not a CSR matrix (encoding {X.attrs.get('encoding-type')})")
+        genes = _read_index(root["var"])
+        if genes.size != shape[1]:
+            raise InputError(f"{path}: {genes.size} gene names for {shape[1]} columns")
+        if genes.size == 0:
+            raise InputError(f"{path} has no genes")
+        if root["obsm"]["spatial"].shape[0] != shape[0]:
+            raise InputError(f"{path}: obsm/spatial has {root['obsm']['spatial'].shape[0]} rows "
+                             f"for {shape[0]} spots")
+        for name, array, unit in (("X/indptr", X["indptr"], "rows"),
+                                  ("X/indices", X["indices"], "non-zeros"),
+                                  ("X/data", X["data"], "non-zeros"),
+                                  ("obsm/spatial", root["obsm"]["spatial"], "rows")):
+            missing = missing_chunks(array)
+            if missing:
+                size = array.chunks[0]
+                raise InputError(f"{path}: {name} is missing {len(missing)} chunk(s), e.g. chunk "
+                                 f"{missing[0]} ({unit} {missing[0] * size}-{(missing[0] + 1) * size - 1})")
+        return cls(str(path), int(shape[0]), int(shape[1]), int(layout["chunk_rows"]),
+                   int(X["indptr"][-1]), genes.to_numpy(), str(layout.get("source", "")))
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_spots // self.chunk_rows)
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        start = block * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_spots)
+
+    def root(self, mode: str = "r"):
+        return open_zarr(self.path, mode)
+
+    def read_block(self, block: int):
+        """``(indptr, indices, data)`` of a block's rows, ``indptr`` starting at 0.
+
+        A chunk that cannot be decoded raises :class:`InputError` naming the block and rows.
+        """
+        start, stop = self.block_rows(block)
+        X = self.root()["X"]
+        where = f"{self.path}: X of block {block} (rows {start}-{stop - 1})"
+        try:
+            indptr = np.asarray(X["indptr"][start:stop + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            indices = X["indices"][lo:hi]
+            data = X["data"][lo:hi]
+        except Exception as error:  # zarr raises codec and I/O errors of many types
+            raise InputError(f"{where} cannot be read: {error}") from error
+        if indptr.size != stop - start + 1 or np.any(np.diff(indptr) < 0) or hi > self.nnz:
+            raise InputError(f"{where} has an inconsistent indptr (corrupt chunk)")
+        return indptr - lo, indices, data
+
+    def block_matrix(self, block: int) -> sparse.csr_matrix:
+        indptr, indices, data = self.read_block(block)
+        start, stop = self.block_rows(block)
+        return sparse.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+
+    def coords(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.asarray(self.root()["obsm"]["spatial"][start:stop], dtype=np.float64)
+
+    def obs_names(self) -> pd.Index:
+        return _read_index(self.root()["obs"])
+
+    def input_rows(self) -> np.ndarray:
+        """Row of each spot in the source it was converted from (the k-NN tie-break key)."""
+        obs = self.root()["obs"]
+        return np.asarray(obs["input_row"][...]) if "input_row" in obs else np.arange(self.n_spots)
+
+
+# --------------------------------------------------------------------------- writing stores
+class StoreWriter:
+    """Writes a spot store whose rows arrive in final (spatial) order, block by block.
+
+    The layout attribute is written by :meth:`close` only, so an interrupted conversion
+    leaves a store that :meth:`SpotStore.open` refuses.
+    """
+
+    def __init__(self, path, obs_names, gene_names, coords, input_rows, chunk_rows: int,
+                 source: str, dtype=np.float32):
+        import anndata as ad
+
+        ad.settings.zarr_write_format = 3
+        path = str(path)
+        if "://" not in path and Path(path).exists():
+            raise InputError(f"{path} already exists; refusing to overwrite a store")
+        n = len(obs_names)
+        if coords.shape[0] != n or len(input_rows) != n:
+            raise InputError(f"{coords.shape[0]} coordinates / {len(input_rows)} rows for {n} spots")
+        duplicated = pd.Index(obs_names).duplicated()
+        if duplicated.any():
+            raise InputError(f"duplicate spot names, e.g. {list(pd.Index(obs_names)[duplicated][:3])}")
+        self.path, self.n_spots, self.chunk_rows, self.source = path, n, chunk_rows, source
+        self.n_genes = len(gene_names)
+        root = open_zarr(path, "w")
+        self.root = root
+        from anndata.io import write_elem
+
+        obs = pd.DataFrame({"input_row": np.asarray(input_rows, np.int64)},
+                           index=pd.Index(np.asarray(obs_names).astype(str)))
+        write_elem(root, "obs", obs)
+        write_elem(root, "var", pd.DataFrame(index=pd.Index(np.asarray(gene_names).astype(str))))
+        obsm = root.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        spatial = obsm.create_array("spatial", shape=coords.shape, dtype=np.float64,
+                                    chunks=(chunk_rows, coords.shape[1]), config=_ALL_CHUNKS,
+                                    compressors=fast_codec())
+        spatial[...] = coords
+        spatial.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        for name in ("obsp", "varm", "varp", "layers"):
+            group = root.create_group(name)
+            group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        uns = root.create_group("uns")
+        uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        X = root.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": [n, self.n_genes]})
+        self._data = X.create_array("data", shape=(0,), dtype=dtype, chunks=(NNZ_CHUNK,),
+                                    config=_ALL_CHUNKS, compressors=fast_codec())
+        self._indices = X.create_array("indices", shape=(0,), dtype=np.int32, chunks=(NNZ_CHUNK,),
+                                       config=_ALL_CHUNKS, compressors=fast_codec())
+        self._indptr = [np.zeros(1, np.int64)]
+        self._rows = 0
+        self._nnz = 0
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+    def append(self, rows: sparse.csr_matrix) -> None:
+        """Append the next rows (CSR with ``n_genes`` columns, canonical: sorted indices)."""
+        if rows.shape[1] != self.n_genes:
+            raise InputError(f"rows with {rows.shape[1]} genes appended to a store of {self.n_genes}")
+        rows = sparse.csr_matrix(rows)
+        rows.sum_duplicates()
+        rows.sort_indices()
+        nnz = rows.nnz
+        if nnz:
+            self._data.append(rows.data.astype(self._data.dtype, copy=False))
+            self._indices.append(rows.indices.astype(np.int32, copy=False))
+        self._indptr.append(rows.indptr[1:].astype(np.int64) + self._nnz)
+        self._nnz += nnz
+        self._rows += rows.shape[0]
+        if self._rows > self.n_spots:
+            raise InputError(f"more rows appended ({self._rows}) than spots ({self.n_spots})")
+
+    def close(self) -> "SpotStore":
+        """Write indptr and the layout (the completion marker) and return the opened store."""
+        if self._rows != self.n_spots:
+            raise InputError(f"{self._rows} rows written for {self.n_spots} spots")
+        indptr = np.concatenate(self._indptr)
+        arr = self.root["X"].create_array("indptr", shape=indptr.shape, dtype=np.int64,
+                                          chunks=(max(self.chunk_rows, 1 << 16),), config=_ALL_CHUNKS,
+                                          compressors=fast_codec())
+        arr[...] = indptr
+        layout = self.root["uns"].create_group(LAYOUT_KEY)
+        layout.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0",
+                             "chunk_rows": int(self.chunk_rows), "format_version": FORMAT_VERSION,
+                             "source": self.source, "n_spots": int(self.n_spots),
+                             "nnz": int(self._nnz)})
+        return SpotStore.open(self.path)
+
+
+def default_scratch(path) -> str:
+    """A scratch folder beside a local output store (same file system), else the tmp dir."""
+    import tempfile
+
+    path = str(path)
+    if "://" in path:
+        return tempfile.gettempdir()
+    return str(Path(os.path.abspath(path)).parent)
