@@ -1,4 +1,9 @@
-"""Command line: ``dflashdeconv <command>``. Heavy imports happen inside the commands."""
+"""Command line: ``dflashdeconv <command>``. Heavy imports happen inside the commands, so
+``--help`` answers at once.
+
+Exit codes for batch systems: 0 success, 1 unexpected failure, 2 bad input (the message
+names the problem), 3 the solver did not converge, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,201 @@ import sys
 import time
 from pathlib import Path
 
-#: Exit codes a batch system can act on.
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _is_store(path: str) -> bool:
+    """A spot store path or URL (anything but an .h5ad file)."""
+    return not str(path).endswith(".h5ad")
+
+
+def _read_anndata(path: str):
+    import anndata as ad
+
+    from .errors import InputError
+
+    if not Path(path).exists() and "://" not in path:
+        raise InputError(f"{path} not found")
+    try:
+        return ad.read_h5ad(path) if path.endswith(".h5ad") else ad.read_zarr(path)
+    except Exception as error:  # anndata raises many types for unreadable files
+        raise InputError(f"{path} cannot be read as AnnData: {error}") from error
+
+
+def _model_params(args) -> dict:
+    lam = args.lambda_spatial if args.lambda_spatial == "auto" else float(args.lambda_spatial)
+    return dict(preprocess=args.preprocess, gene_weighting=args.gene_weighting,
+                spatial_method=args.spatial_method, k_neighbors=args.k_neighbors,
+                radius=args.radius, tol=args.tol, max_iter=args.max_iter, lambda_spatial=lam,
+                n_hvg=args.n_hvg, n_markers_per_type=args.n_markers_per_type,
+                sketch_dim=args.sketch_dim, random_state=args.seed)
+
+
+def _print_summary(lines: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for key, value in lines:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    Console(stderr=False).print(table)
+
+
+def _deconvolve(args) -> int:
+    from . import tl
+
+    reference = _read_anndata(args.reference)
+    params = _model_params(args)
+    start = time.perf_counter()
+    if _is_store(args.spatial):
+        summary = tl.deconvolve(args.spatial, reference, cell_type_key=args.cell_type_key,
+                                key_added=args.key, layer_ref=args.layer_ref,
+                                scheduler=args.scheduler, inner_sweeps=args.inner_sweeps,
+                                overwrite=args.overwrite, progress=not args.quiet, **params)
+        where = f"{args.spatial} (obsm/{args.key}, obs/{args.key}_dominant, uns/{args.key}_params)"
+        n_spots, converged = summary["n_spots"], summary["converged"]
+        iterations, types = summary["n_iterations"], summary["cell_type_names"]
+        if args.out:
+            from .engine.results import read_results
+
+            read_results(args.spatial, args.key).to_csv(args.out)
+            where += f"; proportions also in {args.out}"
+        adata = None
+    else:
+        if not args.out:
+            from .errors import InputError
+
+            raise InputError("--out OUT.h5ad is needed for an .h5ad input (the input is not modified)")
+        adata = _read_anndata(args.spatial)
+        tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=args.key,
+                      layer_st=args.layer, layer_ref=args.layer_ref, spatial_key=args.spatial_key,
+                      **params)
+        adata.write_h5ad(args.out)
+        p = adata.uns[f"{args.key}_params"]
+        n_spots, converged, iterations = adata.n_obs, p["converged"], p["n_iterations"]
+        types, where = p["cell_type_names"], args.out
+    elapsed = time.perf_counter() - start
+    if args.plot:
+        _plot(args.spatial if adata is None else adata, args.key, args.plot)
+        where += f"; maps in {args.plot}"
+    _print_summary([("spots", f"{n_spots:,}"), ("cell types", f"{len(types)}: {', '.join(types[:8])}"
+                     + (" ..." if len(types) > 8 else "")),
+                    ("time", f"{elapsed:.1f} s"),
+                    ("convergence", f"{'converged' if converged else 'NOT converged'} after "
+                                    f"{iterations} iterations (tol {args.tol:g})"),
+                    ("results", where)])
+    return EXIT_OK if converged else EXIT_NOT_CONVERGED
+
+
+def _plot(source, key: str, folder: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import pl
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, str):
+        from .engine.results import read_store_view
+
+        source = read_store_view(source, key)
+    pl.dominant(source, key=key, save=out / f"{key}_dominant.png")
+    pl.proportions(source, key=key, save=out / f"{key}_proportions.png")
+
+
+def _ingest(args) -> int:
+    from .engine import ingest
+
+    progress = None if args.quiet else _line_progress()
+    start = time.perf_counter()
+    kind = args.format if args.format != "auto" else _guess_format(args.input)
+    common = dict(chunk_rows=args.chunk_rows, progress=progress)
+    if kind == "h5ad":
+        store = ingest.from_h5ad(args.input, args.store, spatial_key=args.spatial_key,
+                                 layer=args.layer, **common)
+    elif kind == "spatialdata":
+        import spatialdata as sd
+
+        store = ingest.from_spatialdata(sd.read_zarr(args.input), args.store, table=args.table,
+                                        **common)
+    elif kind == "gem":
+        store = ingest.from_gem(args.input, args.store, bin_size=args.bin_size, **common)
+    else:
+        store = ingest.from_visium_hd(args.input, args.store, **common)
+    _print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
+                    ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,}"),
+                    ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows"),
+                    ("time", f"{time.perf_counter() - start:.1f} s")])
+    return EXIT_OK
+
+
+def _guess_format(path: str) -> str:
+    from .errors import InputError
+
+    p = Path(path)
+    if path.endswith(".h5ad"):
+        return "h5ad"
+    if path.endswith((".gem", ".gem.gz", ".txt.gz", ".tsv.gz")):
+        return "gem"
+    if (p / "filtered_feature_bc_matrix.h5").exists():
+        return "visium-hd"
+    if (p / "zarr.json").exists() or (p / ".zgroup").exists():
+        return "spatialdata"
+    raise InputError(f"cannot tell the format of {path}; pass --format")
+
+
+def _line_progress():
+    last = [0.0]
+
+    def report(stage, done, total):
+        now = time.perf_counter()
+        if now - last[0] > 2 or (total and done >= total):
+            last[0] = now
+            of = f"/{total:,}" if total else ""
+            print(f"{stage}: {done:,}{of}", file=sys.stderr, flush=True)
+    return report
+
+
+def _synth(args) -> int:
+    from .datasets import SyntheticTissue
+
+    tissue = SyntheticTissue(n_spots=args.spots, n_genes=args.genes, n_types=args.types,
+                             depth=args.depth, seed=args.seed)
+    start = time.perf_counter()
+    store = tissue.write_store(args.store, chunk_rows=args.chunk_rows,
+                               progress=None if args.quiet else
+                               (lambda done, total, p=_line_progress(): p("writing", done, total)))
+    reference = args.reference or str(Path(args.store.rstrip("/")).with_suffix("")) + "_reference.h5ad"
+    tissue.reference().write_h5ad(reference)
+    _print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
+                    ("non-zeros per spot", f"{store.nnz / store.n_spots:.0f}"),
+                    ("reference", reference), ("truth", "obsm/proportions of the store"),
+                    ("time", f"{time.perf_counter() - start:.1f} s")])
+    return EXIT_OK
+
+
+def _info(args) -> int:
+    from .engine.store import LAYOUT_KEY, SpotStore
+
+    store = SpotStore.open(args.store)
+    root = store.root()
+    lines = [("store", store.path), ("source", store.source), ("spots", f"{store.n_spots:,}"),
+             ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,} "
+              f"({store.nnz / max(store.n_spots, 1):.0f} per spot)"),
+             ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows")]
+    for name in sorted(root["uns"]):
+        if name.endswith("_params") and name != LAYOUT_KEY:
+            from anndata.io import read_elem
+
+            p = read_elem(root["uns"][name])
+            lines.append((f"result {name[:-7]!r}",
+                          f"{p['n_cell_types']} types, {'converged' if p['converged'] else 'NOT converged'}"
+                          f" in {p['n_iterations']} iterations, preprocess={p['preprocess']}, "
+                          f"weighting={p['gene_weighting']}"))
+        elif name.endswith("_run") and root["uns"][name].attrs.get("status") != "complete":
+            lines.append((f"run {name[:-4]!r}", f"incomplete ({root['uns'][name].attrs.get('status')})"))
+    _print_summary(lines)
+    return EXIT_OK
 
 
 def _demo(args) -> int:
@@ -41,19 +239,92 @@ def _demo(args) -> int:
     return EXIT_OK
 
 
+def _add_model_options(parser) -> None:
+    group = parser.add_argument_group("model (defaults of flashdeconv 0.2.0)")
+    group.add_argument("--preprocess", default="log_cpm", choices=("log_cpm", "pearson", "raw"))
+    group.add_argument("--gene-weighting", default="expected", choices=("expected", "countsketch"))
+    group.add_argument("--spatial-method", default="knn", choices=("knn", "radius", "grid"))
+    group.add_argument("--k-neighbors", type=int, default=6)
+    group.add_argument("--radius", type=float, default=None)
+    group.add_argument("--lambda-spatial", default="auto", help="'auto' or a number")
+    group.add_argument("--n-hvg", type=int, default=2000)
+    group.add_argument("--n-markers-per-type", type=int, default=50)
+    group.add_argument("--sketch-dim", type=int, default=512)
+    group.add_argument("--tol", type=float, default=1e-4)
+    group.add_argument("--max-iter", type=int, default=1000)
+    group.add_argument("--seed", type=int, default=0, help="CountSketch seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dflashdeconv",
         description="Out-of-core FlashDeconv cell-type deconvolution for spatial transcriptomics.",
-    )
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad input, 3 not converged, 130 interrupted.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser(
+
+    p = commands.add_parser(
+        "deconvolve", help="cell-type proportions of a spot store (out of core) or an .h5ad",
+        description="Deconvolve SPATIAL (a spot store path/URL, run out of core on Dask, "
+                    "results written into the store; or an .h5ad, run in memory, results "
+                    "written to --out) against REFERENCE (a single-cell .h5ad).")
+    p.add_argument("spatial", metavar="SPATIAL")
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("--cell-type-key", default="cell_type")
+    p.add_argument("--key", default="flashdeconv", help="key_added for the results")
+    p.add_argument("--out", help="output .h5ad (h5ad input) or proportions .csv (store input)")
+    p.add_argument("--plot", metavar="DIR", help="write dominant-type and proportion maps (PNG)")
+    p.add_argument("--layer", help="counts layer of SPATIAL (.h5ad input)")
+    p.add_argument("--layer-ref", help="counts layer of REFERENCE")
+    p.add_argument("--spatial-key", default="spatial")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler address (default: a local cluster)")
+    p.add_argument("--inner-sweeps", type=int, default=1,
+                   help="solver steps per boundary exchange (store input)")
+    p.add_argument("--overwrite", action="store_true", help="replace results under --key")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model_options(p)
+    p.set_defaults(run=_deconvolve)
+
+    p = commands.add_parser("ingest", help="convert h5ad / SpatialData / GEM / Visium HD to a spot store",
+                            description="Stream INPUT into a spot store (AnnData zarr, rows in "
+                                        "spatial order), never holding the whole matrix.")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "h5ad", "spatialdata", "gem", "visium-hd"))
+    p.add_argument("--bin-size", type=int, default=50, help="GEM bin size in DNB (default 50)")
+    p.add_argument("--table", help="SpatialData table name")
+    p.add_argument("--spatial-key", default="spatial")
+    p.add_argument("--layer")
+    p.add_argument("--chunk-rows", type=int, help="spots per block (default: from the data)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_ingest)
+
+    p = commands.add_parser("synth", help="write a synthetic spot store with known proportions",
+                            description="Write a synthetic tissue of --spots spots chunk by "
+                                        "chunk, its single-cell reference (.h5ad) and the truth.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--spots", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=3000)
+    p.add_argument("--types", type=int, default=15)
+    p.add_argument("--depth", type=float, default=3900.0, help="mean UMI per spot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", help="reference .h5ad path (default: STORE_reference.h5ad)")
+    p.add_argument("--chunk-rows", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_synth)
+
+    p = commands.add_parser("info", help="describe a spot store and its results")
+    p.add_argument("store", metavar="STORE")
+    p.set_defaults(run=_info)
+
+    p = commands.add_parser(
         "demo", help="deconvolve the bundled STARmap cortex data and score it",
         description="Deconvolve the bundled STARmap cortex pseudo-spots, print Pearson r and "
                     "RMSE against the ground truth and the time taken, and write PNG maps.")
-    demo.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
-    demo.set_defaults(run=_demo)
+    p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
+    p.set_defaults(run=_demo)
     return parser
 
 
@@ -75,6 +346,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"dflashdeconv: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dflashdeconv: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -233,8 +233,9 @@ class SyntheticTissue:
         """Write the tissue as a spot store, block by block in spatial order.
 
         Memory is bounded by one block; every spot is a function of (seed, spot index),
-        so the store holds exactly the spots :meth:`counts` returns. Returns the opened
-        :class:`~dflashdeconv.engine.store.SpotStore`.
+        so the store holds exactly the spots :meth:`counts` returns, with the true
+        proportions in ``obsm['proportions']`` (columns: :attr:`cell_type_names`). Returns
+        the opened :class:`~dflashdeconv.engine.store.SpotStore`.
         """
         from .engine.store import StoreWriter, choose_chunk_rows, spatial_order
 
@@ -247,7 +248,8 @@ class SyntheticTissue:
         writer = StoreWriter(path, names, self.gene_names, coords[order], order, chunk_rows,
                              source=f"synthetic:{self.__repr__()}")
         for start in range(0, self.n_spots, chunk_rows):
-            writer.append(self.counts(ids=order[start:start + chunk_rows]))
+            ids = order[start:start + chunk_rows]
+            writer.append(self.counts(ids=ids), obsm={"proportions": self.proportions(ids=ids)})
             if progress is not None:
                 progress(min(start + chunk_rows, self.n_spots), self.n_spots)
         return writer.close()

@@ -1,6 +1,8 @@
-"""Scanpy-style tools: results are written into the AnnData under ``key_added``."""
+"""Scanpy-style tools: results are written into the AnnData (or store) under ``key_added``."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -15,12 +17,19 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                preprocess: str = "log_cpm", layer_st: str | None = None,
                layer_ref: str | None = None, spatial_key: str = "spatial",
                key_added: str = "flashdeconv", random_state: int = 0,
-               gene_weighting: str = "expected", copy: bool = False):
+               gene_weighting: str = "expected", copy: bool = False, scheduler=None,
+               inner_sweeps: int = 1, overwrite: bool = False, progress: bool = True):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
     Same parameters as :class:`~dflashdeconv.FlashDeconv`; counts are taken from ``.X``
     or ``layer_st``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are
     matched by name. The count matrices are read, never modified.
+
+    ``adata_st`` may also be the path or fsspec URL of a spot store (see
+    ``dflashdeconv ingest``): the run is then out of core on Dask (``scheduler``: a
+    Client, a scheduler address or None for a LocalCluster; ``inner_sweeps`` solver steps
+    per boundary exchange), results go into the store under the same keys (an existing
+    ``key_added`` only with ``overwrite``) and the run summary is returned.
 
     Writes (returns None, or the modified copy with ``copy=True``):
 
@@ -30,6 +39,18 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
       (uniform) proportions carry no information
     - ``uns[key_added + '_params']``: parameters, penalties used and convergence
     """
+    if isinstance(adata_st, (str, os.PathLike)):
+        from .engine.run import deconvolve_store
+        from .io import load_reference
+
+        X, types, ref_genes = load_reference(adata_ref, cell_type_key=cell_type_key, layer=layer_ref)
+        return deconvolve_store(
+            adata_st, X, types, ref_genes, key_added=key_added, scheduler=scheduler,
+            inner_sweeps=inner_sweeps, overwrite=overwrite, progress=progress,
+            sketch_dim=sketch_dim, lambda_spatial=lambda_spatial, rho_sparsity=rho_sparsity,
+            n_hvg=n_hvg, n_markers_per_type=n_markers_per_type, spatial_method=spatial_method,
+            k_neighbors=k_neighbors, radius=radius, max_iter=max_iter, tol=tol,
+            preprocess=preprocess, random_state=random_state, gene_weighting=gene_weighting)
     adata = adata_st.copy() if copy else adata_st
     Y, X, coords, types, _ = prepare_data(adata, adata_ref, cell_type_key=cell_type_key,
                                           spatial_coord_key=spatial_key, layer_st=layer_st,

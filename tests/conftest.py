@@ -63,3 +63,30 @@ def small_problem(small_tissue):
     spots, reference = small_tissue
     Y, X, coords, types, _ = prepare_data(spots, reference)
     return Y, X, coords, spots.obsm["proportions"][list(types)].to_numpy()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real two-worker LocalCluster (processes) shared by the engine tests."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=logging.ERROR)
+    client = Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def store_digest(path) -> str:
+    """Hash of every file of a store's input arrays (X, obsm/spatial, var, obs/_index)."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for part in ("X", "obsm/spatial", "var", "obs/_index", "obs/input_row"):
+        for file in sorted((root / part).rglob("*")):
+            if file.is_file():
+                h.update(str(file.relative_to(root)).encode())
+                h.update(file.read_bytes())
+    return h.hexdigest()

@@ -160,10 +160,13 @@ def assemble_rows(row_start: int, n_rows: int, edge_parts) -> BlockGraph:
         dst_parts += [dst[outgoing], src[incoming]]
     src = np.concatenate(src_parts) if src_parts else np.empty(0, np.int64)
     dst = np.concatenate(dst_parts) if dst_parts else np.empty(0, np.int64)
-    pairs = np.unique(np.stack([src - row_start, dst]), axis=1)  # sorted by row, then column
+    # one int64 per pair (local row, global column): unique() sorts by row, then column
+    width = np.int64(max(int(dst.max()) + 1, 1)) if dst.size else np.int64(1)
+    pairs = np.unique((src - row_start) * width + dst)
+    rows, columns = np.divmod(pairs, width)
     indptr = np.zeros(n_rows + 1, np.int64)
-    np.add.at(indptr, pairs[0] + 1, 1)
-    return BlockGraph(row_start, np.cumsum(indptr), pairs[1].astype(np.int64))
+    indptr[1:] = np.cumsum(np.bincount(rows, minlength=n_rows))
+    return BlockGraph(row_start, indptr, columns.astype(np.int64))
 
 
 def _halo_blocks(boxes, block: int, radius: float) -> list[int]:

@@ -169,3 +169,17 @@ def read_results(path, key: str = "flashdeconv") -> pd.DataFrame:
     if f"{key}_params" not in root["uns"]:
         raise InputError(f"{path} holds no completed results under {key!r}")
     return read_elem(root["obsm"][key])
+
+
+def read_store_view(path, key: str = "flashdeconv"):
+    """AnnData with a store's results, coordinates and obs but not its counts (for plots)."""
+    import anndata as ad
+    from anndata.io import read_elem
+
+    proportions = read_results(path, key)
+    root = open_zarr(path, "r")
+    view = ad.AnnData(obs=read_elem(root["obs"]))
+    view.obsm["spatial"] = np.asarray(root["obsm"]["spatial"][...])
+    view.obsm[key] = proportions
+    view.uns[f"{key}_params"] = read_elem(root["uns"][f"{key}_params"])
+    return view

@@ -296,8 +296,19 @@ class StoreWriter:
         self._nnz = 0
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
-    def append(self, rows: sparse.csr_matrix) -> None:
-        """Append the next rows (CSR with ``n_genes`` columns, canonical: sorted indices)."""
+    def append(self, rows: sparse.csr_matrix, obsm: dict | None = None) -> None:
+        """Append the next rows (CSR with ``n_genes`` columns) and, optionally, the same rows
+        of per-spot ``obsm`` arrays (e.g. known proportions of a synthetic tissue)."""
+        for name, values in (obsm or {}).items():
+            values = np.asarray(values)
+            group = self.root["obsm"]
+            if name not in group:
+                array = group.create_array(name, shape=(self.n_spots, *values.shape[1:]),
+                                           dtype=values.dtype, config=_ALL_CHUNKS,
+                                           chunks=(self.chunk_rows, *values.shape[1:]),
+                                           compressors=fast_codec())
+                array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            group[name][self._rows:self._rows + values.shape[0]] = values
         if rows.shape[1] != self.n_genes:
             raise InputError(f"rows with {rows.shape[1]} genes appended to a store of {self.n_genes}")
         rows = sparse.csr_matrix(rows)

@@ -1,0 +1,398 @@
+"""Streaming converters to spot stores: AnnData / h5ad, SpatialData tables, Stereo-seq GEM,
+Visium HD. No converter holds the whole count matrix: rows are streamed in the source's
+order, split by destination block into scratch files (an external bucket sort), then each
+block is assembled in spatial order and appended to the store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from ..errors import InputError
+from .store import (
+    SpotStore,
+    StoreWriter,
+    _hilbert_2d,
+    choose_chunk_rows,
+    default_scratch,
+    spatial_order,
+)
+
+#: Source rows read at a time by the converters.
+SOURCE_CHUNK_ROWS = 1 << 16
+
+
+def _check_rows(source: str, start: int, rows: sparse.csr_matrix) -> None:
+    """NaN/inf or negative counts: :class:`InputError` naming the source and the row."""
+    data = rows.data
+    if data.dtype.kind not in "fiu":
+        raise InputError(f"{source}: counts must be numeric, got dtype {data.dtype}")
+    bad = ~np.isfinite(data) | (data < 0) if data.dtype.kind == "f" else data < 0
+    if bad.any():
+        q = int(np.flatnonzero(bad)[0])
+        row = start + int(np.searchsorted(rows.indptr, q, side="right") - 1)
+        kind = "negative" if np.isfinite(data[q]) else "NaN or infinite"
+        raise InputError(f"{source}: {kind} count {data[q]} in row {row}")
+
+
+def _check_spots(source: str, names, coords) -> np.ndarray:
+    names = pd.Index(np.asarray(names).astype(str))
+    duplicated = names.duplicated(keep=False)
+    if duplicated.any():
+        first = names[duplicated][0]
+        rows = np.flatnonzero(names == first)[:5].tolist()
+        raise InputError(f"{source}: duplicate barcode {first!r} in rows {rows} "
+                         f"({int(names.duplicated().sum())} duplicates in all)")
+    if coords is None:
+        raise InputError(f"{source}: spot coordinates are missing")
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[0] != len(names) or coords.shape[1] not in (2, 3):
+        raise InputError(f"{source}: coordinates of shape {coords.shape} for {len(names)} spots")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise InputError(f"{source}: NaN or infinite coordinates in rows {np.flatnonzero(bad)[:5].tolist()}")
+    return coords
+
+
+def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, source: str,
+                 chunk_rows: int | None = None, scratch=None, progress=None) -> SpotStore:
+    """Write source rows (``chunks`` yields ``(first row, CSR rows)`` in source order) as a
+    spot store sorted along the Hilbert curve; memory is bounded by one chunk/block."""
+    coords = _check_spots(source, obs_names, coords)
+    n = coords.shape[0]
+    if n == 0:
+        raise InputError(f"{source}: no spots")
+    order = spatial_order(coords)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    with tempfile.TemporaryDirectory(prefix="dflashdeconv-ingest-",
+                                     dir=scratch or default_scratch(path)) as tmp:
+        tmp = Path(tmp)
+        seen = 0
+        for start, rows in chunks:
+            rows = sparse.csr_matrix(rows)
+            _check_rows(source, start, rows)
+            if chunk_rows is None:
+                chunk_rows = choose_chunk_rows(rows.nnz / max(rows.shape[0], 1))
+            dest = rank[start:start + rows.shape[0]]
+            bucket = dest // chunk_rows
+            for b in np.unique(bucket):
+                mine = np.flatnonzero(bucket == b)
+                piece = rows[mine]
+                np.savez(tmp / f"b{b}_{start}.npz", data=piece.data, indices=piece.indices,
+                         indptr=piece.indptr, dest=dest[mine], n_genes=rows.shape[1])
+            seen += rows.shape[0]
+            if progress:
+                progress("reading", seen, n)
+        if seen != n:
+            raise InputError(f"{source}: {seen} count rows for {n} spots")
+        writer = StoreWriter(path, np.asarray(obs_names)[order], gene_names, coords[order],
+                             order, chunk_rows, source)
+        for b in range(-(-n // chunk_rows)):
+            pieces, dest = [], []
+            for file in sorted(tmp.glob(f"b{b}_*.npz"), key=lambda f: int(f.stem.split("_")[1])):
+                with np.load(file) as d:
+                    pieces.append(sparse.csr_matrix((d["data"], d["indices"], d["indptr"]),
+                                                    shape=(d["dest"].size, int(d["n_genes"]))))
+                    dest.append(d["dest"])
+                file.unlink()
+            block = sparse.vstack(pieces, format="csr")
+            writer.append(block[np.argsort(np.concatenate(dest))])
+            if progress:
+                progress("writing", min((b + 1) * chunk_rows, n), n)
+        return writer.close()
+
+
+# --------------------------------------------------------------------------- AnnData / h5ad
+def _anndata_chunks(adata, layer) -> Iterator:
+    matrix = adata.X if layer is None else adata.layers[layer]
+    for start in range(0, adata.n_obs, SOURCE_CHUNK_ROWS):
+        rows = matrix[start:start + SOURCE_CHUNK_ROWS]
+        yield start, rows if sparse.issparse(rows) else sparse.csr_matrix(np.asarray(rows))
+
+
+def from_anndata(adata, path, *, spatial_key: str = "spatial", layer: str | None = None,
+                 source: str = "AnnData", **kwargs) -> SpotStore:
+    """Spot store from an AnnData (in memory or backed), read ``SOURCE_CHUNK_ROWS`` at a time."""
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"{source}: layer {layer!r} not found ({list(adata.layers)})")
+    if spatial_key not in adata.obsm:
+        raise InputError(f"{source}: coordinates missing: no obsm[{spatial_key!r}] "
+                         f"(obsm has {list(adata.obsm)})")
+    coords = np.asarray(adata.obsm[spatial_key])
+    return write_sorted(path, adata.obs_names, adata.var_names, coords,
+                        _anndata_chunks(adata, layer), source=source, **kwargs)
+
+
+def from_h5ad(h5ad_path, path, **kwargs) -> SpotStore:
+    """Spot store from an .h5ad file opened in backed mode (X streamed from disk)."""
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(h5ad_path, backed="r")
+    except (OSError, KeyError) as error:
+        raise InputError(f"{h5ad_path}: cannot be read as h5ad: {error}") from error
+    try:
+        return from_anndata(adata, path, source=str(h5ad_path), **kwargs)
+    finally:
+        adata.file.close()
+
+
+def from_spatialdata(sdata, path, *, table: str | None = None, **kwargs) -> SpotStore:
+    """Spot store from a SpatialData table; coordinates from the table's ``obsm['spatial']``
+    or, failing that, from the centroids of the shapes the table annotates."""
+    tables = list(sdata.tables)
+    if not tables:
+        raise InputError("the SpatialData object has no table")
+    table = table or tables[0]
+    if table not in sdata.tables:
+        raise InputError(f"no table {table!r} in the SpatialData object ({tables})")
+    adata = sdata.tables[table]
+    if kwargs.get("spatial_key", "spatial") not in adata.obsm:
+        adata = adata.copy() if adata.isbacked else adata
+        adata.obsm["spatial"] = _annotated_centroids(sdata, adata, table)
+    return from_anndata(adata, path, source=f"SpatialData table {table!r}", **kwargs)
+
+
+def _annotated_centroids(sdata, adata, table: str) -> np.ndarray:
+    attrs = adata.uns.get("spatialdata_attrs", {})
+    region, region_key, instance_key = (attrs.get("region"), attrs.get("region_key"),
+                                        attrs.get("instance_key"))
+    region = region[0] if isinstance(region, (list, tuple, np.ndarray)) else region
+    if region is None or region not in sdata.shapes:
+        raise InputError(f"table {table!r}: no obsm['spatial'] and no annotated shapes to take "
+                         "coordinates from")
+    shapes = sdata.shapes[region]
+    centroid = shapes.geometry.centroid
+    lookup = pd.DataFrame({"x": centroid.x.to_numpy(), "y": centroid.y.to_numpy()},
+                          index=shapes.index)
+    ids = adata.obs[instance_key].to_numpy()
+    missing = ~pd.Index(ids).isin(lookup.index)
+    if missing.any():
+        raise InputError(f"table {table!r}: {missing.sum()} rows annotate no shape of {region!r}")
+    return lookup.loc[ids, ["x", "y"]].to_numpy()
+
+
+# --------------------------------------------------------------------------- Visium HD
+def from_visium_hd(folder, path, *, gene_ids: bool = False, in_tissue_only: bool = True,
+                   **kwargs) -> SpotStore:
+    """Spot store from a Space Ranger binned output folder (``square_008um`` etc.).
+
+    Reads ``filtered_feature_bc_matrix.h5`` barcode by barcode range (its CSC layout is
+    the barcodes x genes CSR) and ``spatial/tissue_positions.parquet``; coordinates are
+    full-resolution pixels (x = ``pxl_col_in_fullres``, y = ``pxl_row_in_fullres``).
+    Genes are named by symbol made unique (``-1``, ``-2``), or by ID with ``gene_ids``.
+    """
+    import h5py
+
+    folder = Path(folder)
+    matrix_file = folder / "filtered_feature_bc_matrix.h5"
+    positions_file = folder / "spatial" / "tissue_positions.parquet"
+    for file in (matrix_file, positions_file):
+        if not file.exists():
+            raise InputError(f"{file} not found: not a Visium HD binned output folder")
+    positions = pd.read_parquet(positions_file)
+    needed = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+              "pxl_col_in_fullres"]
+    if list(positions.columns[:6]) != needed:
+        raise InputError(f"{positions_file}: columns {list(positions.columns)}, expected {needed}")
+    if positions["barcode"].duplicated().any():
+        dup = positions["barcode"][positions["barcode"].duplicated()].iloc[0]
+        raise InputError(f"{positions_file}: duplicate barcode {dup!r}")
+    with h5py.File(matrix_file, "r") as f:
+        group = f["matrix"]
+        barcodes = pd.Index(np.asarray(group["barcodes"]).astype(str))
+        features = group["features"]
+        names = np.asarray(features["id" if gene_ids else "name"]).astype(str)
+        genes = pd.Index(names) if gene_ids else _make_unique(names)
+        n_genes, n_barcodes = (int(v) for v in group["shape"][:])
+        if n_barcodes != barcodes.size or n_genes != genes.size:
+            raise InputError(f"{matrix_file}: shape {(n_genes, n_barcodes)} does not match "
+                             f"{genes.size} features and {barcodes.size} barcodes")
+        table = positions.set_index("barcode")
+        missing = ~barcodes.isin(table.index)
+        if missing.any():
+            raise InputError(f"{matrix_file}: {missing.sum()} barcode(s) not in {positions_file}, "
+                             f"e.g. {barcodes[missing][0]!r}")
+        table = table.loc[barcodes]
+        keep = table["in_tissue"].to_numpy() == 1 if in_tissue_only else np.ones(barcodes.size, bool)
+        coords = table[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)[keep]
+        indptr = np.asarray(group["indptr"], np.int64)
+
+        def chunks():
+            written = 0
+            for start in range(0, n_barcodes, SOURCE_CHUNK_ROWS):
+                stop = min(start + SOURCE_CHUNK_ROWS, n_barcodes)
+                lo, hi = indptr[start], indptr[stop]
+                rows = sparse.csr_matrix(
+                    (np.asarray(group["data"][lo:hi], np.float32),
+                     np.asarray(group["indices"][lo:hi]), indptr[start:stop + 1] - lo),
+                    shape=(stop - start, n_genes))
+                rows = rows[keep[start:stop]]
+                yield written, rows
+                written += rows.shape[0]
+
+        return write_sorted(path, barcodes[keep], genes, coords, chunks(),
+                            source=str(matrix_file), **kwargs)
+
+
+def _make_unique(names: np.ndarray) -> pd.Index:
+    """Gene symbols made unique the scanpy way: repeats get ``-1``, ``-2``, ..."""
+    out = pd.Series(names)
+    repeat = out.groupby(out).cumcount()
+    out[repeat > 0] = out[repeat > 0] + "-" + repeat[repeat > 0].astype(str)
+    return pd.Index(out)
+
+
+# --------------------------------------------------------------------------- Stereo-seq GEM
+GEM_COUNT_COLUMNS = ("MIDCount", "MIDCounts", "UMICount")
+
+
+def _gem_header(file) -> tuple[int, list[str]]:
+    """Number of leading ``#`` lines and the column names of a GEM file."""
+    opener = gzip.open if str(file).endswith(".gz") else open
+    with opener(file, "rt") as handle:
+        skipped = 0
+        for line in handle:
+            if line.startswith("#"):
+                skipped += 1
+                continue
+            return skipped, line.rstrip("\n").split("\t")
+    raise InputError(f"{file}: no header line (empty GEM file)")
+
+
+def _gem_reader(file, skip: int, chunk_lines: int):
+    try:
+        return pd.read_csv(file, sep="\t", skiprows=skip, header=0, chunksize=chunk_lines,
+                           dtype=str, compression="infer", na_filter=False)
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise InputError(f"{file}: cannot be read: {error}") from error
+
+
+def _gem_numbers(file, frame, column: str, first_line: int) -> np.ndarray:
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{file}: line {first_line + i}: {column} {frame[column].iloc[i]!r} "
+                         "is not a number")
+    return values
+
+
+def from_gem(gem_file, path, *, bin_size: int = 50, chunk_lines: int = 2_000_000,
+             n_buckets: int = 64, scratch=None, progress=None, **kwargs) -> SpotStore:
+    """Spot store from a Stereo-seq GEM file (``.gem`` or ``.gem.gz``) binned to ``bin_size``.
+
+    Bins follow Stereopy's ``read_gem``: ``bin_x = (x // N) * N`` (likewise y), named
+    ``str((bin_x << 32) | bin_y)``, positioned at the bin corner (DNB units). The file is
+    streamed once (gzip is sequential) into scratch parquet buckets by position along the
+    Hilbert curve; dask.dataframe then sums the buckets by (bin, gene), a few in parallel
+    at a time, so memory stays bounded by a bucket.
+    """
+    import dask
+    import dask.dataframe as dd
+
+    if not isinstance(bin_size, (int, np.integer)) or bin_size < 1:
+        raise InputError(f"bin_size must be a positive integer, got {bin_size!r}")
+    gem_file = str(gem_file)
+    skip, columns = _gem_header(gem_file)
+    count_column = next((c for c in GEM_COUNT_COLUMNS if c in columns), None)
+    missing = [c for c in ("geneID", "x", "y") if c not in columns]
+    if count_column is None or missing:
+        raise InputError(f"{gem_file}: columns {columns}; need geneID, x, y and one of "
+                         f"{GEM_COUNT_COLUMNS}")
+    gene_codes: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="dflashdeconv-gem-",
+                                     dir=scratch or default_scratch(path)) as tmp:
+        tmp = Path(tmp)
+        line = skip + 2  # first data line (1-based)
+        for part, frame in enumerate(_gem_reader(gem_file, skip, chunk_lines)):
+            counts = _gem_numbers(gem_file, frame, count_column, line)
+            x = _gem_numbers(gem_file, frame, "x", line)
+            y = _gem_numbers(gem_file, frame, "y", line)
+            bad = (counts < 0) | (x < 0) | (y < 0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                what = f"{count_column} {counts[i]:g}" if counts[i] < 0 else "coordinate"
+                raise InputError(f"{gem_file}: line {line + i}: negative {what}")
+            genes = frame["geneID"].to_numpy()
+            for g in pd.unique(genes):
+                gene_codes.setdefault(g, len(gene_codes))
+            bx = (x // bin_size).astype(np.int64)
+            by = (y // bin_size).astype(np.int64)
+            key = _hilbert_2d(np.minimum(bx, 2**16 - 1), np.minimum(by, 2**16 - 1), 16)
+            piece = pd.DataFrame({"key": key, "bin": (bx << 32) | by,
+                                  "gene": pd.Series(genes).map(gene_codes).to_numpy(np.int32),
+                                  "count": counts.astype(np.float32)})
+            for bucket, rows in piece.groupby((key * n_buckets) >> 32):
+                rows.to_parquet(tmp / f"b{bucket:04d}_{part:06d}.parquet")
+            line += len(frame)
+            if progress:
+                progress("reading GEM", line - skip - 2, None)
+        if not gene_codes:
+            raise InputError(f"{gem_file}: no data lines")
+        names = np.array(list(gene_codes))
+        order = np.argsort(names)  # genes sorted by name, as AnnData readers do
+        remap = np.empty(names.size, np.int32)
+        remap[order] = np.arange(names.size)
+        groups = {}
+        for f in sorted(tmp.glob("b*.parquet")):
+            groups.setdefault(f.name[:5], []).append(str(f))
+        frames = dd.from_map(_aggregate_bucket, list(groups.values()), remap=remap,
+                             meta=_AGGREGATED_META, enforce_metadata=False)
+        parts = frames.to_delayed()
+        bins = pd.concat([_bins_of(files) for files in groups.values()])
+        bin_id = bins["bin"].to_numpy()
+        bin_x, bin_y = (bin_id >> 32) * bin_size, (bin_id & 0xFFFFFFFF) * bin_size
+        obs_names = ((bin_x << 32) | bin_y).astype(str)
+        coords = np.column_stack([bin_x, bin_y]).astype(np.float64)
+        batch = max(1, os.cpu_count() or 1)
+
+        def chunks():
+            start = 0
+            for first in range(0, len(parts), batch):
+                for frame in dask.compute(*parts[first:first + batch]):
+                    rows = _bucket_rows(frame, names.size)
+                    yield start, rows
+                    start += rows.shape[0]
+
+        return write_sorted(path, obs_names, names[order], coords, chunks(),
+                            source=f"{gem_file} (bin{bin_size})", scratch=tmp,
+                            progress=progress, **kwargs)
+
+
+_AGGREGATED_META = pd.DataFrame({"key": pd.Series(dtype=np.int64), "bin": pd.Series(dtype=np.int64),
+                                 "gene": pd.Series(dtype=np.int32),
+                                 "count": pd.Series(dtype=np.float32)})
+
+
+def _bins_of(files: list[str]) -> pd.DataFrame:
+    """Bins with counts in one bucket, in the order :func:`_aggregate_bucket` emits them."""
+    frame = pd.concat([pd.read_parquet(f, columns=["key", "bin", "count"]) for f in files])
+    frame = frame[frame["count"] > 0]
+    return frame.drop_duplicates("bin").sort_values(["key", "bin"])[["key", "bin"]]
+
+
+def _aggregate_bucket(files: list[str], remap: np.ndarray) -> pd.DataFrame:
+    """Sum one bucket's GEM rows by (bin, gene); rows ordered by curve position, bin, gene."""
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frame["gene"] = remap[frame["gene"].to_numpy()]
+    summed = frame.groupby(["key", "bin", "gene"], sort=True, as_index=False)["count"].sum()
+    return summed[summed["count"] > 0].astype({"count": np.float32})
+
+
+def _bucket_rows(frame: pd.DataFrame, n_genes: int) -> sparse.csr_matrix:
+    """CSR rows of an aggregated bucket, one row per bin, in the bucket's order."""
+    bins = frame["bin"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])
+    indptr = np.r_[starts, bins.size]
+    return sparse.csr_matrix((frame["count"].to_numpy(), frame["gene"].to_numpy(), indptr),
+                             shape=(starts.size, n_genes))

@@ -1,0 +1,157 @@
+"""Streaming converters: real h5ad, SpatialData, Visium HD and GEM files to spot stores."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from formats import write_gem, write_visium_hd
+from scipy import sparse
+
+from dflashdeconv.datasets import SyntheticTissue
+from dflashdeconv.engine import ingest
+from dflashdeconv.errors import InputError
+
+TISSUE = SyntheticTissue(n_spots=1500, n_genes=300, n_types=5, depth=300, seed=9,
+                         markers_per_type=10)
+
+
+@pytest.fixture(scope="module")
+def spots():
+    return TISSUE.spots()
+
+
+def _same_spots(store, counts, coords, names=None):
+    """The store holds ``counts`` (rows in source order) re-ordered by its input_row."""
+    order = store.input_rows()
+    stored = ad.read_zarr(store.path)
+    assert (stored.X != sparse.csr_matrix(counts)[order]).nnz == 0
+    np.testing.assert_allclose(stored.obsm["spatial"], np.asarray(coords)[order])
+    if names is not None:
+        assert stored.obs_names.tolist() == list(np.asarray(names)[order])
+
+
+def test_h5ad_backed_streaming(spots, tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "SOURCE_CHUNK_ROWS", 400)  # several source chunks
+    spots.write_h5ad(tmp_path / "spots.h5ad")
+    store = ingest.from_h5ad(tmp_path / "spots.h5ad", tmp_path / "s.zarr", chunk_rows=256)
+    assert store.n_blocks == 6 and store.source.endswith("spots.h5ad")
+    _same_spots(store, spots.X, spots.obsm["spatial"], spots.obs_names)
+
+
+def test_anndata_dense_layer(spots, tmp_path):
+    adata = spots.copy()
+    adata.layers["counts"] = adata.X.toarray()
+    store = ingest.from_anndata(adata, tmp_path / "s.zarr", layer="counts")
+    _same_spots(store, spots.X, spots.obsm["spatial"])
+
+
+def test_spatialdata_table_with_circle_shapes(spots, tmp_path):
+    import geopandas as gpd
+    import spatialdata as sd
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel, TableModel
+
+    xy = spots.obsm["spatial"] * 100.0
+    circles = ShapesModel.parse(gpd.GeoDataFrame(
+        {"radius": np.full(len(xy), 27.5)}, geometry=[Point(x, y) for x, y in xy],
+        index=pd.RangeIndex(len(xy))))
+    table = ad.AnnData(spots.X.copy(), obs=pd.DataFrame(
+        {"region": pd.Categorical(["spots"] * len(xy)), "instance_id": np.arange(len(xy))[::-1]},
+        index=spots.obs_names), var=spots.var.copy())
+    table = table[::-1].copy()  # rows in another order than the shapes
+    table.obs["instance_id"] = np.arange(len(xy))[::-1]
+    sdata = sd.SpatialData(shapes={"spots": circles}, tables={"table": TableModel.parse(
+        table, region="spots", region_key="region", instance_key="instance_id")})
+    sdata.write(tmp_path / "sdata.zarr")
+    store = ingest.from_spatialdata(sd.read_zarr(tmp_path / "sdata.zarr"), tmp_path / "s.zarr")
+    _same_spots(store, table.X, xy[::-1], table.obs_names)
+    with pytest.raises(InputError, match="no table 'other'"):
+        ingest.from_spatialdata(sdata, tmp_path / "t.zarr", table="other")
+
+
+def test_visium_hd_binned_output(spots, tmp_path):
+    grid = spots.obsm["spatial"].astype(int)
+    in_tissue = (np.arange(len(grid)) % 7 != 0).astype(int)
+    names = TISSUE.gene_names.copy()
+    names[5] = names[4]  # a repeated symbol, as in real 10x feature lists
+    folder = write_visium_hd(tmp_path / "square_008um", spots.X, [f"ENSG{i:08d}" for i in range(300)],
+                             names, grid, in_tissue)
+    store = ingest.from_visium_hd(folder, tmp_path / "s.zarr")
+    keep = in_tissue == 1
+    stored = ad.read_zarr(store.path)
+    assert stored.n_obs == keep.sum() and stored.var_names[5] == f"{names[4]}-1"
+    pixel = np.column_stack([grid[:, 0] * 32 + 7.25, grid[:, 1] * 32 + 3.5])
+    _same_spots(store, spots.X[keep], pixel[keep])
+    ids = ingest.from_visium_hd(folder, tmp_path / "ids.zarr", gene_ids=True, in_tissue_only=False)
+    assert ids.n_spots == len(grid) and ids.gene_names[0] == "ENSG00000000"
+
+
+def test_visium_hd_errors(spots, tmp_path):
+    grid = spots.obsm["spatial"].astype(int)
+    folder = write_visium_hd(tmp_path / "hd", spots.X, [f"E{i}" for i in range(300)],
+                             TISSUE.gene_names, grid, np.ones(len(grid)))
+    positions = pd.read_parquet(folder / "spatial" / "tissue_positions.parquet")
+    positions.iloc[:-1].to_parquet(folder / "spatial" / "tissue_positions.parquet")
+    with pytest.raises(InputError, match="1 barcode\\(s\\) not in"):
+        ingest.from_visium_hd(folder, tmp_path / "s.zarr")
+    with pytest.raises(InputError, match="not a Visium HD binned output folder"):
+        ingest.from_visium_hd(tmp_path, tmp_path / "t.zarr")
+
+
+@pytest.mark.parametrize("bin_size", [50, 20])
+def test_gem_binning_recovers_the_spots(spots, tmp_path, bin_size):
+    grid = spots.obsm["spatial"].astype(int)
+    gem = write_gem(tmp_path / "chip.gem.gz", spots.X, TISSUE.gene_names, grid, bin_size)
+    store = ingest.from_gem(gem, tmp_path / "s.zarr", bin_size=bin_size, chunk_lines=20_000,
+                            n_buckets=8)
+    stored = ad.read_zarr(store.path)
+    corner = grid * bin_size
+    lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(corner)}
+    rows = np.array([lookup[(int(x), int(y))] for x, y in stored.obsm["spatial"]])
+    nonempty = np.asarray(spots.X.sum(axis=1)).ravel() > 0
+    assert stored.n_obs == nonempty.sum()
+    assert (stored.X != spots.X[rows]).nnz == 0
+    expected = [str((int(x) << 32) | int(y)) for x, y in corner[rows]]
+    assert stored.obs_names.tolist() == expected
+
+
+def _gem_lines(tmp_path, body, header="geneID\tx\ty\tMIDCount"):
+    path = tmp_path / "bad.gem"
+    path.write_text(f"#FileFormat=GEMv0.1\n#BinSize=1\n{header}\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("body, message", [
+    ("A\t1\t2\t3\nB\t4\t5\t-1\n", "line 5: negative MIDCount -1"),
+    ("A\t1\t2\t3\nB\t4\t5\tmany\n", "line 5: MIDCount 'many' is not a number"),
+    ("A\t1\tq\t3\n", "line 4: y 'q' is not a number"),
+    ("", "no data lines"),
+])
+def test_gem_bad_rows_are_named(tmp_path, body, message):
+    with pytest.raises(InputError, match=message):
+        ingest.from_gem(_gem_lines(tmp_path, body), tmp_path / "s.zarr")
+
+
+def test_gem_missing_columns(tmp_path):
+    with pytest.raises(InputError, match="need geneID, x, y"):
+        ingest.from_gem(_gem_lines(tmp_path, "A\t1\t2\n", "geneID\tx\ty"), tmp_path / "s.zarr")
+
+
+def test_duplicate_barcodes_and_bad_values(spots, tmp_path):
+    dup = spots.copy()
+    dup.obs_names = list(spots.obs_names[:-1]) + [spots.obs_names[10]]
+    with pytest.raises(InputError, match=r"duplicate barcode 'spot000000010' in rows \[10, 1499\]"):
+        ingest.from_anndata(dup, tmp_path / "a.zarr")
+    bad = spots.copy()
+    bad.X = bad.X.astype(np.float32)
+    bad.X.data[bad.X.indptr[77]] = -3
+    with pytest.raises(InputError, match="negative count -3.0 in row 77"):
+        ingest.from_anndata(bad, tmp_path / "b.zarr")
+    bad = spots.copy()
+    bad.obsm["spatial"][12, 0] = np.nan
+    with pytest.raises(InputError, match=r"NaN or infinite coordinates in rows \[12\]"):
+        ingest.from_anndata(bad, tmp_path / "c.zarr")
+    del bad.obsm["spatial"]
+    with pytest.raises(InputError, match="coordinates missing"):
+        ingest.from_anndata(bad, tmp_path / "d.zarr")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
