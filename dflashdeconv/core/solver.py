@@ -166,6 +166,7 @@ def sweep(H, gram, beta_in, beta_out, indptr, indices, lam, rho, spot_change, sp
                 for k in range(K):
                     nsum[k] += beta_in[j, k]
             pen = lam * (indptr[i + 1] - indptr[i])
+            n_positive = 0
             for k in range(K):
                 for l in range(K):
                     Q[k, l] = gram[k, l]
@@ -173,6 +174,13 @@ def sweep(H, gram, beta_in, beta_out, indptr, indices, lam, rho, spot_change, sp
                 c[k] = H[i, k] + lam * nsum[k] - rho
                 b[k] = beta_in[i, k]
                 free_mask[k] = b[k] > 0.0
+                n_positive += free_mask[k]
+            if n_positive == K and K > 3:
+                # a dense start (the uniform initial value): growing the support from zero
+                # is cheaper than shrinking it from all K types; the minimiser is the same
+                for k in range(K):
+                    b[k] = 0.0
+                    free_mask[k] = False
             if not _active_set(Q, c, b, free_mask, L, z, free):
                 for k in range(K):
                     b[k] = beta_in[i, k]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 from scipy.spatial import cKDTree
 
 from ..core.graph import knn_indices
@@ -60,8 +61,8 @@ class BlockGraph:
 
 def read_points(store: SpotStore, block: int) -> BlockPoints:
     start, stop = store.block_rows(block)
-    keys = store.input_rows()[start:stop]
-    return BlockPoints(store.coords(start, stop), np.asarray(keys, np.int64), start)
+    return BlockPoints(store.coords(start, stop), store.input_rows(start, stop).astype(np.int64),
+                       start)
 
 
 def box_of(points: BlockPoints):
@@ -149,24 +150,32 @@ def radius_edges(points: BlockPoints, others: list[BlockPoints], radius: float):
     return {"edges": (src[keep], dst[keep])}
 
 
-def assemble_rows(row_start: int, n_rows: int, edge_parts) -> BlockGraph:
-    """Symmetric adjacency rows of a block from the directed edges that touch it."""
+def split_by_target(edges, chunk_rows: int, own_block: int) -> dict:
+    """The block's directed edges ``(src, dst)`` that end in other blocks, by target block
+    (small: boundary spots only); the target needs them to symmetrise its rows."""
+    src, dst = edges
+    target = dst // chunk_rows
+    crossing = target != own_block
+    return {int(c): (src[crossing & (target == c)], dst[crossing & (target == c)])
+            for c in np.unique(target[crossing])}
+
+
+def assemble_rows(row_start: int, n_rows: int, own_edges, incoming) -> BlockGraph:
+    """Symmetric adjacency rows of a block: its own directed edges ``(src, dst)`` (each
+    gives row src -> dst, and dst -> src when dst is inside) and the edges of other blocks
+    that end inside it (each gives row dst -> src)."""
     stop = row_start + n_rows
-    src_parts, dst_parts = [], []
-    for src, dst in edge_parts:
-        outgoing = (src >= row_start) & (src < stop)
-        incoming = (dst >= row_start) & (dst < stop)
-        src_parts += [src[outgoing], dst[incoming]]
-        dst_parts += [dst[outgoing], src[incoming]]
-    src = np.concatenate(src_parts) if src_parts else np.empty(0, np.int64)
-    dst = np.concatenate(dst_parts) if dst_parts else np.empty(0, np.int64)
-    # one int64 per pair (local row, global column): unique() sorts by row, then column
-    width = np.int64(max(int(dst.max()) + 1, 1)) if dst.size else np.int64(1)
-    pairs = np.unique((src - row_start) * width + dst)
-    rows, columns = np.divmod(pairs, width)
-    indptr = np.zeros(n_rows + 1, np.int64)
-    indptr[1:] = np.cumsum(np.bincount(rows, minlength=n_rows))
-    return BlockGraph(row_start, indptr, columns.astype(np.int64))
+    src, dst = own_edges
+    inside = (dst >= row_start) & (dst < stop)
+    rows = [src, dst[inside]] + [d for _, d in incoming]
+    columns = [dst, src[inside]] + [s for s, _ in incoming]
+    rows = np.concatenate(rows) - row_start
+    columns = np.concatenate(columns)
+    # CSR construction sorts each row's columns and merges repeated edges in O(edges)
+    width = int(columns.max()) + 1 if columns.size else 1
+    A = sparse.csr_matrix((np.ones(rows.size, np.int8), (rows, columns)), shape=(n_rows, width))
+    A.sum_duplicates()
+    return BlockGraph(row_start, A.indptr.astype(np.int64), A.indices.astype(np.int64))
 
 
 def _halo_blocks(boxes, block: int, radius: float) -> list[int]:
@@ -226,20 +235,23 @@ def build_graph(client, store: SpotStore, method: str = "knn", k: int = 6,
             radius = 1.5 * float(np.median(distances))
         edges, halos = _run_with_halo(client, radius_edges, points, boxes, [radius] * n_blocks,
                                       (), progress, "graph: radius neighbours")
-    edge_lists = client.map(_field, edges, ["edges"] * n_blocks)
-    # block b needs the edges of every block whose halo reached b (they may point into b)
-    sources = [[b] + [c for c in range(n_blocks) if b in halos[c]] for b in range(n_blocks)]
-    graphs = [client.submit(_assemble, store.block_rows(b)[0],
-                            store.block_rows(b)[1] - store.block_rows(b)[0],
-                            *[edge_lists[c] for c in sources[b]], pure=False)
+    edge_lists = client.map(_field, edges, ["edges"] * n_blocks, pure=False)
+    crossing = client.map(split_by_target, edge_lists, [store.chunk_rows] * n_blocks,
+                          range(n_blocks), pure=False)
+    # block b needs the crossing edges of every block whose halo reached b
+    sources = [[c for c in range(n_blocks) if b in halos[c]] for b in range(n_blocks)]
+    graphs = [client.submit(_assemble, b, store.block_rows(b)[0],
+                            store.block_rows(b)[1] - store.block_rows(b)[0], edge_lists[b],
+                            *[crossing[c] for c in sources[b]], pure=False)
               for b in range(n_blocks)]
     track(graphs, "graph: symmetrise", enabled=progress)
     total_degree = sum(client.gather(client.map(_n_edges, graphs)))
     return graphs, total_degree / max(n_total, 1), (radius if method != "knn" else None)
 
 
-def _assemble(row_start, n_rows, *edge_parts):
-    return assemble_rows(row_start, n_rows, edge_parts)
+def _assemble(block, row_start, n_rows, own_edges, *crossing):
+    return assemble_rows(row_start, n_rows, own_edges,
+                         [part[block] for part in crossing if block in part])
 
 
 def _field(result: dict, name: str):

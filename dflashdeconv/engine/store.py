@@ -234,10 +234,13 @@ class SpotStore:
     def obs_names(self) -> pd.Index:
         return _read_index(self.root()["obs"])
 
-    def input_rows(self) -> np.ndarray:
+    def input_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Row of each spot in the source it was converted from (the k-NN tie-break key)."""
         obs = self.root()["obs"]
-        return np.asarray(obs["input_row"][...]) if "input_row" in obs else np.arange(self.n_spots)
+        stop = self.n_spots if stop is None else stop
+        if "input_row" not in obs:
+            return np.arange(start, stop)
+        return np.asarray(obs["input_row"][start:stop])
 
 
 # --------------------------------------------------------------------------- writing stores
