@@ -2,7 +2,9 @@
 ``--help`` answers at once.
 
 Exit codes for batch systems: 0 success, 1 unexpected failure, 2 bad input (the message
-names the problem), 3 the solver did not converge, 130 interrupted.
+names the problem), 3 the solver did not converge, 4 the store is locked by another run,
+130 interrupted (Ctrl-C) and 143 terminated (SIGTERM); an interrupted ``deconvolve``
+continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a batch system stopping the job): unwind, release locks, exit 143."""
 
 
 def _is_store(path: str) -> bool:
@@ -62,7 +69,8 @@ def _deconvolve(args) -> int:
         summary = tl.deconvolve(args.spatial, reference, cell_type_key=args.cell_type_key,
                                 key_added=args.key, layer_ref=args.layer_ref,
                                 scheduler=args.scheduler, inner_sweeps=args.inner_sweeps,
-                                overwrite=args.overwrite, progress=not args.quiet, **params)
+                                overwrite=args.overwrite, resume=args.resume,
+                                progress=not args.quiet, **params)
         where = f"{args.spatial} (obsm/{args.key}, obs/{args.key}_dominant, uns/{args.key}_params)"
         n_spots, converged = summary["n_spots"], summary["converged"]
         iterations, types = summary["n_iterations"], summary["cell_type_names"]
@@ -259,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dflashdeconv",
         description="Out-of-core FlashDeconv cell-type deconvolution for spatial transcriptomics.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 bad input, 3 not converged, 130 interrupted.")
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad input, 3 not converged, 4 store locked, "
+               "130 interrupted, 143 terminated.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -282,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-sweeps", type=int, default=1,
                    help="solver steps per boundary exchange (store input)")
     p.add_argument("--overwrite", action="store_true", help="replace results under --key")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run under --key (same inputs and options)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_options(p)
     p.set_defaults(run=_deconvolve)
@@ -339,16 +350,29 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_FAILURE
+    import signal
+
+    from .engine.lock import StoreLockedError
     from .errors import InputError
 
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return args.run(args)
     except InputError as error:
         print(f"dflashdeconv: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("dflashdeconv: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except StoreLockedError as error:
+        print(f"dflashdeconv: error: {error}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (KeyboardInterrupt, Terminated) as stop:
+        resume = " (continue with --resume)" if args.command == "deconvolve" else ""
+        print(f"dflashdeconv: interrupted{resume}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                layer_ref: str | None = None, spatial_key: str = "spatial",
                key_added: str = "flashdeconv", random_state: int = 0,
                gene_weighting: str = "expected", copy: bool = False, scheduler=None,
-               inner_sweeps: int = 1, overwrite: bool = False, progress: bool = True):
+               inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
+               progress: bool = True):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
     Same parameters as :class:`~dflashdeconv.FlashDeconv`; counts are taken from ``.X``
@@ -29,7 +30,8 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
     ``dflashdeconv ingest``): the run is then out of core on Dask (``scheduler``: a
     Client, a scheduler address or None for a LocalCluster; ``inner_sweeps`` solver steps
     per boundary exchange), results go into the store under the same keys (an existing
-    ``key_added`` only with ``overwrite``) and the run summary is returned.
+    ``key_added`` only with ``overwrite``; ``resume`` continues an interrupted run) and the
+    run summary is returned.
 
     Writes (returns None, or the modified copy with ``copy=True``):
 
@@ -46,7 +48,7 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         X, types, ref_genes = load_reference(adata_ref, cell_type_key=cell_type_key, layer=layer_ref)
         return deconvolve_store(
             adata_st, X, types, ref_genes, key_added=key_added, scheduler=scheduler,
-            inner_sweeps=inner_sweeps, overwrite=overwrite, progress=progress,
+            inner_sweeps=inner_sweeps, overwrite=overwrite, resume=resume, progress=progress,
             sketch_dim=sketch_dim, lambda_spatial=lambda_spatial, rho_sparsity=rho_sparsity,
             n_hvg=n_hvg, n_markers_per_type=n_markers_per_type, spatial_method=spatial_method,
             k_neighbors=k_neighbors, radius=radius, max_iter=max_iter, tol=tol,

@@ -17,7 +17,7 @@ from ..core.project import SpotTransform, project
 from ..core.validation import _count_bad
 from ..errors import InputError
 from .progress import track
-from .store import SpotStore
+from .store import SpotStore, open_zarr
 
 
 def check_block(store: SpotStore, block: int, indices, data) -> None:
@@ -54,33 +54,40 @@ def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
                     progress: bool = True) -> GeneMoments:
     """Gene statistics of the whole store over the columns that ``column_map`` keeps (store
     column -> gene position or -1); bad counts or chunks fail here, before any fit."""
-    shared = client.scatter(column_map, broadcast=True)
     futures = client.map(block_moments, [store] * store.n_blocks, range(store.n_blocks),
-                         [shared] * store.n_blocks, pure=False)
+                         [column_map] * store.n_blocks, pure=False)
     track(futures, "pass 1/2 gene statistics", enabled=progress)
-    return client.submit(merge_moments, futures, pure=False).result()
+    return merge_moments(client.gather(futures))
 
 
-def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str | None):
-    """Pass (b) on one block: ``(H, ysq, selected_totals)``; written to ``run_path`` too."""
+def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str):
+    """Pass (b) on one block: ``(H, ysq, selected_totals)``, written to the run group, the
+    block then marked done (an interrupted block is redone on resume)."""
     indptr, indices, data = store.read_block(block)
     start, stop = store.block_rows(block)
     H, ysq, totals = project(indptr, indices, data, transform, row_offset=start)
-    if run_path is not None:
-        from .store import open_zarr
-
-        run = open_zarr(run_path, "r+")
-        run["H"][start:stop] = H
-        run["ysq"][start:stop] = ysq
-        run["selected_totals"][start:stop] = totals
+    run = open_zarr(run_path, "r+")
+    run["H"][start:stop] = H
+    run["ysq"][start:stop] = ysq
+    run["selected_totals"][start:stop] = totals
+    run["projected"][block] = True
     return H, ysq, totals
 
 
-def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path: str | None,
-                    *, progress: bool = True) -> list:
-    """Futures of the per-block ``(H, ysq, totals)``, kept in worker memory for the solver."""
-    shared = client.scatter(transform, broadcast=True)
-    futures = client.map(block_projection, [store] * store.n_blocks, range(store.n_blocks),
-                         [shared] * store.n_blocks, [run_path] * store.n_blocks, pure=False)
+def load_projection(store: SpotStore, block: int, run_path: str):
+    """A block's projection recorded by an earlier, interrupted run."""
+    start, stop = store.block_rows(block)
+    run = open_zarr(run_path, "r")
+    return (np.asarray(run["H"][start:stop]), np.asarray(run["ysq"][start:stop]),
+            np.asarray(run["selected_totals"][start:stop]))
+
+
+def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path: str,
+                    done: np.ndarray, *, progress: bool = True) -> list:
+    """Futures of the per-block ``(H, ysq, totals)``, kept in worker memory for the solver;
+    blocks marked ``done`` are read back instead of recomputed."""
+    futures = [client.submit(load_projection, store, b, run_path, pure=False) if done[b] else
+               client.submit(block_projection, store, b, transform, run_path, pure=False)
+               for b in range(store.n_blocks)]
     track(futures, "pass 2/2 projection", enabled=progress)
     return futures

@@ -46,35 +46,65 @@ def _array(group, name, shape, dtype, chunk_rows):
     return array
 
 
-def prepare_run(store: SpotStore, key: str, cell_types, overwrite: bool = False) -> str:
-    """Create ``uns/K_run`` with empty result arrays; returns its path (zarr URL/path)."""
+def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwrite: bool = False,
+             resume: bool = False) -> tuple[str, dict]:
+    """The run group ``uns/K_run`` for a new run, or the recorded one to resume.
+
+    Returns its path and the attributes recorded so far (``selection`` after the
+    statistics pass, ``checkpoint`` after solver rounds). A resumed run must have the same
+    ``fingerprint`` (inputs and parameters); a new run refuses to replace results unless
+    ``overwrite``.
+    """
     if not key or "/" in key or key in INPUT_KEYS:
         raise InputError(f"key_added {key!r} is not allowed (reserved or contains '/')")
-    root = store.root("r+")
-    taken = key in root["obsm"] or f"{key}_params" in root["uns"]
-    if taken and not overwrite:
-        raise InputError(f"{store.path} already holds results under {key!r}; choose another "
-                         "key_added or pass overwrite=True")
-    if key in root["obsm"] and f"{key}_params" not in root["uns"] and f"{run_group_name(key)}" not in root["uns"]:
-        raise InputError(f"obsm/{key} in {store.path} was not written by dflashdeconv; "
-                         "choose another key_added")
     names = pd.Index([str(t) for t in cell_types])
     if names.duplicated().any() or any("/" in t or t in ("", ".", "..") for t in names):
         raise InputError(f"cell type names must be unique, non-empty and free of '/': {list(names)}")
+    root = store.root("r+")
+    run_name = run_group_name(key)
+    run_path = f"{store.path.rstrip('/')}/uns/{run_name}"
+    if resume:
+        if run_name not in root["uns"]:
+            raise InputError(f"{store.path} has no run under {key!r} to resume")
+        attrs = dict(root["uns"][run_name].attrs)
+        if attrs.get("fingerprint") != fingerprint:
+            raise InputError(f"the run under {key!r} in {store.path} used other inputs or "
+                             "parameters; start a new run (without --resume) or use them")
+        return run_path, attrs
+    if key in root["obsm"] and f"{key}_params" not in root["uns"] and run_name not in root["uns"]:
+        raise InputError(f"obsm/{key} in {store.path} was not written by dflashdeconv; "
+                         "choose another key_added")
+    if (key in root["obsm"] or f"{key}_params" in root["uns"]) and not overwrite:
+        raise InputError(f"{store.path} already holds results under {key!r}; choose another "
+                         "key_added or pass overwrite=True")
+    if run_name in root["uns"]:
+        del root["uns"][run_name]
     n, K, rows = store.n_spots, len(cell_types), store.chunk_rows
-    run = _dict_group(root["uns"], run_group_name(key))
+    run = _dict_group(root["uns"], run_name)
     for name, shape in (("H", (n, K)), ("beta", (n, K)), ("ysq", (n,)), ("selected_totals", (n,))):
         _array(run, name, shape, np.float64, rows)
+    checkpoints = run.create_array("beta_checkpoint", shape=(2, n, K), dtype=np.float64,
+                                   chunks=(1, rows, K), config=_ALL_CHUNKS, compressors=fast_codec())
+    checkpoints.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    done = run.create_array("projected", shape=(store.n_blocks,), dtype=bool, chunks=(1,),
+                            fill_value=False, config=_ALL_CHUNKS)
+    done.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    done[...] = False
     staging = _dict_group(run, "staging")
     frame = staging.require_group("proportions")
     frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
-                        "_index": "_index", "column-order": [str(t) for t in cell_types]})
+                        "_index": "_index", "column-order": list(names)})
     for name in names:
         _array(frame, name, (n,), np.float64, rows)
     _array(staging, "dominant_codes", (n,), np.int16, rows)
     _array(staging, "zero_signal", (n,), bool, rows)
-    run.attrs.update({"status": "running", "cell_types": [str(t) for t in cell_types]})
-    return f"{store.path.rstrip('/')}/uns/{run_group_name(key)}"
+    run.attrs.update({"status": "running", "cell_types": list(names), "fingerprint": fingerprint})
+    return run_path, dict(run.attrs)
+
+
+def record(run_path: str, **attrs) -> None:
+    """Record progress (``selection``, ``checkpoint``, ``status``) in the run group."""
+    open_zarr(run_path, "r+").attrs.update(attrs)
 
 
 def write_block_results(store: SpotStore, run_path: str, block: int, beta: np.ndarray,

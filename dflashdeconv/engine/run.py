@@ -3,10 +3,17 @@
 The math is the in-memory estimator's (:class:`dflashdeconv.FlashDeconv`): the same
 parameters, gene selection, transform and solver kernel; only the data each call sees
 differs. With ``inner_sweeps=1`` the proportions equal the in-memory fit on the same rows.
+
+A run holds the store's lock, records its progress in ``uns/<key>_run`` (the gene
+selection after pass 1, a flag per projected block, a checkpoint per solver round) and
+publishes results only when complete, so an interrupted run resumes with
+``resume=True`` and ends with the result an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import warnings
 
@@ -21,111 +28,150 @@ from ..io import shared_genes
 from . import passes
 from .blocks import build_graph
 from .cluster import connect
-from .results import prepare_run, publish, write_block_results
+from .lock import StoreLock
+from .results import open_run, publish, record, write_block_results
 from .solve import BlockSolver, beta_of, make_problem
-from .store import SpotStore
+from .store import SpotStore, open_zarr
+
+
+def run_fingerprint(store: SpotStore, X, types, genes, params: dict, inner_sweeps: int) -> str:
+    """Hash of everything a run's result depends on (a resume must match it)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(X, np.float64).tobytes())
+    h.update(json.dumps({"types": [str(t) for t in types], "genes": [str(g) for g in genes],
+                         "params": {k: v for k, v in params.items() if k != "verbose"},
+                         "inner_sweeps": int(inner_sweeps), "n_spots": store.n_spots,
+                         "nnz": store.nnz, "chunk_rows": store.chunk_rows},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def deconvolve_store(path, X, cell_type_names, reference_genes, *, key_added="flashdeconv",
                      scheduler=None, inner_sweeps: int = 1, overwrite: bool = False,
-                     progress: bool = True, **params) -> dict:
+                     resume: bool = False, progress: bool = True, **params) -> dict:
     """Deconvolve the spot store at ``path`` against reference profiles ``X`` (K x genes).
 
     ``params`` are :class:`~dflashdeconv.FlashDeconv`'s. ``scheduler``: a Client, a
     scheduler address or None (a LocalCluster for the duration of the call). Results go
-    into the store under ``key_added`` (see :mod:`~dflashdeconv.engine.results`); the
-    returned summary holds the convergence record and the time of each phase.
+    into the store under ``key_added`` (see :mod:`~dflashdeconv.engine.results`);
+    ``resume`` continues an interrupted run with the same inputs. Returns the run summary
+    (convergence record and the time of each phase).
     """
     params = fit_parameters(FlashDeconv(**params))
     store = SpotStore.open(path)
     X = check_reference(X, len(reference_genes), cell_type_names)
     types = np.asarray(cell_type_names).astype(str)
-    _, store_cols, ref_cols = shared_genes(store.gene_names, reference_genes)
+    common, store_cols, ref_cols = shared_genes(store.gene_names, reference_genes)
     X = X[:, ref_cols]
-    column_map = np.full(store.n_genes, -1, np.int64)
-    column_map[store_cols] = np.arange(store_cols.size)
+    fingerprint = run_fingerprint(store, X, types, common, params, inner_sweeps)
+    with StoreLock(store.path, f"deconvolve {key_added}"):
+        run_path, recorded = open_run(store, key_added, types, fingerprint, overwrite=overwrite,
+                                      resume=resume)
+        if recorded.get("status") == "complete":
+            from anndata.io import read_elem
+
+            return read_elem(store.root()["uns"][f"{key_added}_params"]) | {"resumed": True}
+        with connect(scheduler, quiet=not progress) as client:
+            summary = _run(client, store, X, types, store_cols, params, key_added, run_path,
+                           recorded, inner_sweeps, progress)
+    return summary
+
+
+def _run(client, store, X, types, store_cols, params, key, run_path, recorded, inner_sweeps,
+         progress) -> dict:
     timings = {}
-    with connect(scheduler, quiet=not progress) as client:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    selection = recorded.get("selection")
+    if selection is None:
+        column_map = np.full(store.n_genes, -1, np.int64)
+        column_map[store_cols] = np.arange(store_cols.size)
         moments = passes.statistics_pass(client, store, column_map, progress=progress)
-        if moments.n_empty:
-            warnings.warn(f"{moments.n_empty} of {store.n_spots} spots have no counts on the "
-                          "shared genes; their proportions are uniform and flagged",
-                          DataWarning, stacklevel=2)
-        genes = gene_selection.select_genes(moments, X, params["n_hvg"],
-                                            params["n_markers_per_type"])
-        leverage = gene_selection.leverage_scores(X[:, genes])
-        transform = build_transform(moments.raw_mean[genes], X, genes, leverage, store.n_genes,
-                                    params, columns=store_cols)
-        timings["statistics"] = time.perf_counter() - t0
+        genes = gene_selection.select_genes(moments, X, params["n_hvg"], params["n_markers_per_type"])
+        selection = {"genes": genes.tolist(), "raw_mean": moments.raw_mean[genes].tolist(),
+                     "n_empty": int(moments.n_empty)}
+        record(run_path, selection=selection)
+    genes = np.asarray(selection["genes"], np.intp)
+    if selection["n_empty"]:
+        warnings.warn(f"{selection['n_empty']} of {store.n_spots} spots have no counts on the "
+                      "shared genes; their proportions are uniform and flagged", DataWarning,
+                      stacklevel=3)
+    leverage = gene_selection.leverage_scores(X[:, genes])
+    transform = build_transform(np.asarray(selection["raw_mean"]), X, genes, leverage,
+                                store.n_genes, params, columns=store_cols)
+    timings["statistics"] = time.perf_counter() - t0
 
-        run_path = prepare_run(store, key_added, types, overwrite)
-        t0 = time.perf_counter()
-        projection = passes.projection_pass(client, store, transform, run_path, progress=progress)
-        timings["projection"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    done = np.asarray(open_zarr(run_path, "r")["projected"][...])
+    projection = passes.projection_pass(client, store, transform, run_path, done,
+                                        progress=progress)
+    timings["projection"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        graphs, mean_degree, radius_used = build_graph(
-            client, store, params["spatial_method"], params["k_neighbors"], params["radius"],
-            progress=progress)
-        timings["graph"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    graphs, mean_degree, radius_used = build_graph(
+        client, store, params["spatial_method"], params["k_neighbors"], params["radius"],
+        progress=progress)
+    timings["graph"] = time.perf_counter() - t0
 
-        gram = transform.rep.gram
-        lam = (auto_lambda(gram, [mean_degree]) if params["lambda_spatial"] == "auto"
-               else float(params["lambda_spatial"]))
-        rho = scaled_rho(gram, params["rho_sparsity"])
-        t0 = time.perf_counter()
-        problems = client.map(make_problem, graphs, projection, pure=False)
-        solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)])
-        bar = _RoundProgress(params["tol"]) if progress else None
+    gram = transform.rep.gram
+    lam = (auto_lambda(gram, [mean_degree]) if params["lambda_spatial"] == "auto"
+           else float(params["lambda_spatial"]))
+    rho = scaled_rho(gram, params["rho_sparsity"])
+    t0 = time.perf_counter()
+    problems = client.map(make_problem, graphs, projection, pure=False)
+    solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)])
+    bar = _RoundProgress(params["tol"]) if progress else None
+
+    def on_round(round_, change, checkpoint):
+        record(run_path, checkpoint=checkpoint)
+        if bar:
+            bar.update(round_, change)
+
+    try:
         solution = solver.solve(gram, lam, rho, n_types=len(types), max_iter=params["max_iter"],
-                                tol=params["tol"], inner_sweeps=inner_sweeps,
-                                on_round=bar.update if bar else None)
+                                tol=params["tol"], inner_sweeps=inner_sweeps, run_path=run_path,
+                                resume_from=recorded.get("checkpoint"), on_round=on_round)
+    finally:
         if bar:
             bar.close()
-        timings["solver"] = time.perf_counter() - t0
-        if not solution.converged:
-            warnings.warn(f"the block solver did not reach tol={params['tol']} in "
-                          f"{params['max_iter']} rounds", RuntimeWarning, stacklevel=2)
-        ysq = client.map(_part, projection, [1] * len(projection), pure=False)
-        totals = client.map(_part, projection, [2] * len(projection), pure=False)
-        objective = solver.objective(solution.states, ysq, gram, lam, rho)
-        beta = client.map(beta_of, solution.states, pure=False)
+    timings["solver"] = time.perf_counter() - t0
+    if not solution.converged:
+        warnings.warn(f"the block solver did not reach tol={params['tol']} in "
+                      f"{params['max_iter']} rounds", RuntimeWarning, stacklevel=3)
+    ysq = client.map(_part, projection, [1] * len(projection), pure=False)
+    totals = client.map(_part, projection, [2] * len(projection), pure=False)
+    objective = solver.objective(solution.states, ysq, gram, lam, rho)
+    beta = client.map(beta_of, solution.states, pure=False)
 
-        t0 = time.perf_counter()
-        written = client.map(write_block_results, [store] * store.n_blocks,
-                             [run_path] * store.n_blocks, range(store.n_blocks), beta,
-                             totals, pure=False)
-        passes.track(written, "writing results", enabled=progress)
-        n_zero_signal = int(sum(client.gather(written)))
-        summary = {
-            **{k: v for k, v in params.items() if k not in ("verbose", "radius")},
-            "radius": -1.0 if params["radius"] is None else float(params["radius"]),
-            "lambda_spatial": float(lam),
-            "lambda_spatial_requested": str(params["lambda_spatial"]),
-            "rho_used": float(rho),
-            "n_genes_used": int(genes.size),
-            "n_cell_types": int(types.size),
-            "cell_type_names": [str(t) for t in types],
-            "genes_used": [str(g) for g in store.gene_names[store_cols[genes]]],
-            "converged": bool(solution.converged),
-            "n_iterations": int(solution.n_rounds),
-            "inner_sweeps": int(inner_sweeps),
-            "changes": [float(c) for c in solution.changes],
-            "final_objective": float(objective),
-            "mean_degree": float(mean_degree),
-            "n_spots": int(store.n_spots),
-            "n_blocks": int(store.n_blocks),
-            "n_zero_signal": n_zero_signal,
-        }
-        if radius_used is not None:
-            summary["radius_used"] = float(radius_used)
-        publish(store, key_added, summary | {"timings": timings})
-        timings["results"] = time.perf_counter() - t0
-    summary["timings"] = timings
-    summary["key_added"] = key_added
-    summary["store"] = store.path
-    return summary
+    t0 = time.perf_counter()
+    written = client.map(write_block_results, [store] * store.n_blocks,
+                         [run_path] * store.n_blocks, range(store.n_blocks), beta, totals,
+                         pure=False)
+    passes.track(written, "writing results", enabled=progress)
+    summary = {
+        **{k: v for k, v in params.items() if k not in ("verbose", "radius")},
+        "radius": -1.0 if params["radius"] is None else float(params["radius"]),
+        "lambda_spatial": float(lam),
+        "lambda_spatial_requested": str(params["lambda_spatial"]),
+        "rho_used": float(rho),
+        "n_genes_used": int(genes.size),
+        "n_cell_types": int(types.size),
+        "cell_type_names": [str(t) for t in types],
+        "genes_used": [str(g) for g in store.gene_names[store_cols[genes]]],
+        "converged": bool(solution.converged),
+        "n_iterations": int(solution.n_rounds),
+        "inner_sweeps": int(inner_sweeps),
+        "changes": [float(c) for c in solution.changes],
+        "final_objective": float(objective),
+        "mean_degree": float(mean_degree),
+        "n_spots": int(store.n_spots),
+        "n_blocks": int(store.n_blocks),
+        "n_zero_signal": int(sum(client.gather(written))),
+    }
+    if radius_used is not None:
+        summary["radius_used"] = float(radius_used)
+    publish(store, key, summary | {"timings": timings})
+    timings["results"] = time.perf_counter() - t0
+    return summary | {"timings": timings, "key_added": key, "store": store.path}
 
 
 def _part(item, index):
@@ -145,7 +191,7 @@ class _RoundProgress:
         self._tol = tol
         self._progress.start()
 
-    def update(self, round_, change, beta):
+    def update(self, round_, change):
         self._progress.update(self._task, description=f"solver: round {round_}, change "
                                                       f"{change:.2e} (tol {self._tol:.0e})")
 

@@ -12,12 +12,14 @@ scheduling. With ``inner_sweeps=1`` a round is exactly one step of the in-memory
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..core.solver import sweep
 from .blocks import BlockGraph
+from .store import open_zarr
 
 
 @dataclass
@@ -58,12 +60,13 @@ def _halo(exports, halo_positions, K):
 
 
 def block_round(problem: BlockProblem, state, gram, lam, rho, inner_sweeps, tol, export_rows,
-                halo_positions, *neighbour_exports):
+                halo_positions, checkpoint, *neighbour_exports):
     """Next state ``(beta, (exported rows, change, size))`` of one block.
 
     Runs up to ``inner_sweeps`` steps with the halo frozen at the neighbours' exported
     values; ``change``/``size`` are the largest change and largest old value of the first
     step, the one that sees the neighbours' latest values (the global stopping statistic).
+    ``checkpoint = (run_path, slot)`` also writes the block's new beta into that slot.
     """
     beta = state[0]
     n, K = problem.H.shape
@@ -80,7 +83,18 @@ def block_round(problem: BlockProblem, state, gram, lam, rho, inner_sweeps, tol,
         if step[0] < tol * step[1]:
             break
     beta = current[:n].copy()
+    if checkpoint is not None:
+        run_path, slot = checkpoint
+        open_zarr(run_path, "r+")["beta_checkpoint"][slot, problem.row_start:problem.row_start + n] = beta
     return beta, (beta[export_rows], first[0], first[1])
+
+
+def load_state(problem: BlockProblem, run_path: str, slot: int, export_rows: np.ndarray):
+    """A block's state from a checkpoint slot (resume, or recovery from a lost worker)."""
+    n = problem.H.shape[0]
+    beta = np.asarray(open_zarr(run_path, "r")["beta_checkpoint"][slot, problem.row_start:
+                                                                  problem.row_start + n])
+    return beta, (beta[export_rows], 0.0, 0.0)
 
 
 def exports_of(state):
@@ -141,37 +155,70 @@ class BlockSolver:
             self.positions.append([np.searchsorted(self.export_rows[c], halo[owner == c] - starts[c])
                                    for c in blocks])
 
+    def _restore(self, n_types: int, run_path: str | None, checkpoint: dict | None) -> list:
+        """Block states from the last complete checkpoint, or the initial ones."""
+        n = len(self.problems)
+        if checkpoint is None:
+            return self.client.map(initial_state, self.problems, [n_types] * n,
+                                   self.export_rows, pure=False)
+        return self.client.map(load_state, self.problems, [run_path] * n,
+                               [checkpoint["slot"]] * n, self.export_rows, pure=False)
+
     def solve(self, gram, lam, rho, *, n_types, max_iter=1000, tol=1e-4, inner_sweeps=1,
-              on_round=None) -> BlockSolution:
+              run_path: str | None = None, resume_from: dict | None = None,
+              max_failures: int = 5, on_round=None) -> BlockSolution:
         """Rounds until the largest first-step change is below ``tol`` x the largest value.
 
-        ``on_round(round, change, states)`` is called after every round (progress,
-        checkpoints); the returned solution holds the per-block state futures.
+        With ``run_path``, every round's beta is checkpointed into alternating slots and
+        ``on_round`` receives ``(round, change, checkpoint)`` once all blocks have written,
+        the caller records it. A round that fails because a worker was lost is restarted
+        from the last complete checkpoint (rounds are pure functions of beta, so the result
+        is unchanged); ``resume_from`` (a recorded checkpoint) continues an interrupted run.
         """
+        from distributed.client import FutureCancelledError
+        from distributed.scheduler import KilledWorker
+
         client = self.client
         n = len(self.problems)
-        states = client.map(initial_state, self.problems, [n_types] * n, self.export_rows,
-                            pure=False)
+        gram = np.ascontiguousarray(gram)
+        checkpoint = resume_from
+        rounds = checkpoint["round"] if checkpoint else 0
+        changes = list(checkpoint["changes"]) if checkpoint else []
+        states = self._restore(n_types, run_path, checkpoint)
         exports = client.map(exports_of, states, pure=False)
-        gram = client.scatter(np.ascontiguousarray(gram), broadcast=True)
-        changes = []
-        converged = False
-        rounds = 0
-        while rounds < max_iter:
-            states = [client.submit(block_round, self.problems[b], states[b], gram, float(lam),
-                                    float(rho), int(inner_sweeps), float(tol), self.export_rows[b],
-                                    self.positions[b], *[exports[c] for c in self.sources[b]],
-                                    pure=False) for b in range(n)]
-            exports = client.map(exports_of, states, pure=False)
-            stats = [(e[1], e[2]) for e in client.gather(exports)]
+        converged = bool(changes) and changes[-1] < tol
+        failures = 0
+        while not converged and rounds < max_iter:
+            slot = (rounds + 1) % 2
+            target = (run_path, slot) if run_path else None
+            try:
+                new_states = [client.submit(block_round, self.problems[b], states[b], gram,
+                                            float(lam), float(rho), int(inner_sweeps),
+                                            float(tol), self.export_rows[b], self.positions[b],
+                                            target, *[exports[c] for c in self.sources[b]],
+                                            pure=False) for b in range(n)]
+                new_exports = client.map(exports_of, new_states, pure=False)
+                stats = [(e[1], e[2]) for e in client.gather(new_exports)]
+            except (FutureCancelledError, KilledWorker, OSError) as error:
+                failures += 1
+                if failures > max_failures:
+                    raise
+                warnings.warn(f"solver round {rounds + 1} lost its data ({type(error).__name__}); "
+                              f"restarting from round {checkpoint['round'] if checkpoint else 0}",
+                              RuntimeWarning, stacklevel=2)
+                rounds = checkpoint["round"] if checkpoint else 0
+                changes = list(checkpoint["changes"]) if checkpoint else []
+                states = self._restore(n_types, run_path, checkpoint)
+                exports = client.map(exports_of, states, pure=False)
+                continue
+            states, exports = new_states, new_exports
             rounds += 1
-            change = max(s[0] for s in stats) / (max(s[1] for s in stats) + 1e-10)
-            changes.append(change)
+            changes.append(max(s[0] for s in stats) / (max(s[1] for s in stats) + 1e-10))
+            if run_path:
+                checkpoint = {"round": rounds, "slot": slot, "changes": list(changes)}
             if on_round is not None:
-                on_round(rounds, change, states)
-            if change < tol:
-                converged = True
-                break
+                on_round(rounds, changes[-1], checkpoint)
+            converged = changes[-1] < tol
         self._exports = exports
         return BlockSolution(states, converged, rounds, changes)
 
