@@ -22,7 +22,7 @@ from .uncertainty import (
     laplace_diagonal_variance,
     one_sided_tests,
 )
-from .validation import as_count_matrix, check_coords, check_reference
+from .validation import as_count_matrix, check_coords, check_projection, check_reference
 from .weights import WEIGHTINGS, build_representation
 
 #: Rows per block when a dense spot matrix is streamed through the CSR kernels.
@@ -204,6 +204,7 @@ class FlashDeconv:
         t0 = time.perf_counter()
         transform = build_transform(moments.raw_mean[genes], X, genes, leverage, n_genes, params)
         H, ysq, totals = self._project(Y, transform, n_spots)
+        check_projection(H, ysq)
         timings["projection"] = time.perf_counter() - t0
         self._log(f"projected to {transform.rep.dim} dimensions ({timings['projection']:.2f} s)")
 

@@ -39,18 +39,38 @@ def check_values(name: str, values: np.ndarray) -> None:
         )
 
 
+#: Value types the kernels are compiled for; others are converted (a copy) to float32.
+KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
+
+
 def as_count_matrix(name: str, M):
-    """CSR matrix (no copy when already CSR) or 2-D ndarray; values checked."""
+    """CSR matrix or 2-D ndarray of counts, values checked; the input is never modified.
+
+    A canonical CSR matrix of a kernel dtype is used as is (no copy); other formats,
+    duplicate or unsorted entries (which the kernels would transform one by one) and
+    other dtypes are converted into a copy first.
+    """
     if sparse.issparse(M):
-        if M.format != "csr":
-            M = sparse.csr_matrix(M)
         if M.ndim != 2:
             raise InputError(f"{name} must be 2-D, got shape {M.shape}")
+        if M.dtype.kind not in "fiub":
+            raise InputError(f"{name} must be numeric, got dtype {M.dtype}")
+        if M.format != "csr":
+            M = sparse.csr_matrix(M)
+        elif not M.has_canonical_format:
+            M = M.copy()
+            M.sum_duplicates()
+        if M.dtype.type not in KERNEL_DTYPES:
+            M = M.astype(np.float32)
         check_values(name, M.data)
         return M
     M = np.asarray(M)
     if M.ndim != 2:
         raise InputError(f"{name} must be 2-D (rows x genes), got shape {M.shape}")
+    if M.dtype.kind not in "fiub":
+        raise InputError(f"{name} must be numeric, got dtype {M.dtype}")
+    if M.dtype.type not in KERNEL_DTYPES:
+        M = M.astype(np.float32)
     check_values(name, M.reshape(-1))
     return M
 
@@ -99,3 +119,10 @@ def check_reference(X: np.ndarray, n_genes: int, cell_type_names=None) -> np.nda
             f"{len(cell_type_names)} cell type names for {X.shape[0]} reference profiles"
         )
     return X
+
+
+def check_projection(H: np.ndarray, ysq: np.ndarray, where: str = "the spot counts") -> None:
+    """Overflow guard: counts so large that the solver's inputs are not finite."""
+    if not (np.isfinite(H).all() and np.isfinite(ysq).all()):
+        raise InputError(f"{where} are too large to deconvolve (the projected data overflow "
+                         "float64); use raw counts, or preprocess='log_cpm'")

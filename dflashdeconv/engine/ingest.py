@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import tempfile
+from zlib import error as zlib_error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,22 +260,32 @@ GEM_COUNT_COLUMNS = ("MIDCount", "MIDCounts", "UMICount")
 def _gem_header(file) -> tuple[int, list[str]]:
     """Number of leading ``#`` lines and the column names of a GEM file."""
     opener = gzip.open if str(file).endswith(".gz") else open
-    with opener(file, "rt") as handle:
-        skipped = 0
-        for line in handle:
-            if line.startswith("#"):
-                skipped += 1
-                continue
-            return skipped, line.rstrip("\n").split("\t")
+    try:
+        with opener(file, "rt", encoding="utf-8") as handle:
+            skipped = 0
+            for line in handle:
+                if line.startswith("#"):
+                    skipped += 1
+                    continue
+                return skipped, line.rstrip("\n").split("\t")
+    except (OSError, EOFError, UnicodeDecodeError, zlib_error) as error:
+        raise InputError(f"{file}: cannot be read as a GEM file: {error}") from error
     raise InputError(f"{file}: no header line (empty GEM file)")
 
 
-def _gem_reader(file, skip: int, chunk_lines: int):
+def _gem_frames(file, skip: int, chunk_lines: int):
+    """The GEM data lines in chunks; a truncated, undecodable or malformed file raises
+    :class:`InputError` naming it and the line reached."""
+    line = skip + 2
     try:
-        return pd.read_csv(file, sep="\t", skiprows=skip, header=0, chunksize=chunk_lines,
-                           dtype=str, compression="infer", na_filter=False)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise InputError(f"{file}: cannot be read: {error}") from error
+        reader = pd.read_csv(file, sep="\t", skiprows=skip, header=0, chunksize=chunk_lines,
+                             dtype=str, compression="infer", na_filter=False, encoding="utf-8")
+        for frame in reader:
+            yield frame
+            line += len(frame)
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, zlib_error) as error:
+        raise InputError(f"{file}: unreadable after line {line - 1} (truncated or corrupt "
+                         f"file?): {error}") from error
 
 
 def _gem_numbers(file, frame, column: str, first_line: int) -> np.ndarray:
@@ -314,7 +325,7 @@ def from_gem(gem_file, path, *, bin_size: int = 50, chunk_lines: int = 2_000_000
                                      dir=scratch or default_scratch(path)) as tmp:
         tmp = Path(tmp)
         line = skip + 2  # first data line (1-based)
-        for part, frame in enumerate(_gem_reader(gem_file, skip, chunk_lines)):
+        for part, frame in enumerate(_gem_frames(gem_file, skip, chunk_lines)):
             counts = _gem_numbers(gem_file, frame, count_column, line)
             x = _gem_numbers(gem_file, frame, "x", line)
             y = _gem_numbers(gem_file, frame, "y", line)

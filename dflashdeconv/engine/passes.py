@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.genes import GeneMoments, gene_moments
 from ..core.project import SpotTransform, project
-from ..core.validation import _count_bad
+from ..core.validation import _count_bad, check_projection
 from ..errors import InputError
 from .progress import track
 from .store import SpotStore, open_zarr
@@ -66,6 +66,7 @@ def block_projection(store: SpotStore, block: int, transform: SpotTransform, run
     indptr, indices, data = store.read_block(block)
     start, stop = store.block_rows(block)
     H, ysq, totals = project(indptr, indices, data, transform, row_offset=start)
+    check_projection(H, ysq, f"the counts of {store.path} block {block} (rows {start}-{stop - 1})")
     run = open_zarr(run_path, "r+")
     run["H"][start:stop] = H
     run["ysq"][start:stop] = ysq
