@@ -28,14 +28,23 @@ def _is_store(path: str) -> bool:
 
 
 def _read_anndata(path: str):
+    """An AnnData from a local or fsspec URL (``s3://``, ``gs://``) .h5ad or .zarr."""
     import anndata as ad
 
     from .errors import InputError
 
-    if not Path(path).exists() and "://" not in path:
+    remote = "://" in path and not path.startswith("file://")
+    if not remote and not Path(path).exists():
         raise InputError(f"{path} not found")
     try:
-        return ad.read_h5ad(path) if path.endswith(".h5ad") else ad.read_zarr(path)
+        if not path.endswith(".h5ad"):
+            return ad.read_zarr(path)
+        if not remote:
+            return ad.read_h5ad(path)
+        import fsspec
+
+        with fsspec.open(path, "rb") as handle:
+            return ad.read_h5ad(handle)
     except Exception as error:  # anndata raises many types for unreadable files
         raise InputError(f"{path} cannot be read as AnnData: {error}") from error
 
@@ -292,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solver steps per boundary exchange (store input)")
     p.add_argument("--overwrite", action="store_true", help="replace results under --key")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run under --key (same inputs and options)")
+                   help="continue an interrupted run under --key (same inputs and options); "
+                        "starts one if none is recorded")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_options(p)
     p.set_defaults(run=_deconvolve)

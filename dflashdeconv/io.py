@@ -154,3 +154,44 @@ def result_to_anndata(proportions, adata, cell_type_names=None, key_added: str =
     adata.obs[f"{key_added}_dominant"] = pd.Categorical(
         columns[np.argmax(proportions, axis=1)], categories=columns)
     return adata
+
+
+def to_store(source, path, **kwargs):
+    """Convert ``source`` to a spot store at ``path`` (a local path or fsspec URL), streaming.
+
+    ``source``: an AnnData (in memory or backed), a SpatialData object, or the path of an
+    ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``, ``bin_size=`` 50 by default)
+    or a Visium HD binned output folder. Keyword arguments go to the converter
+    (:mod:`dflashdeconv.engine.ingest`). Returns the opened store.
+    """
+    from pathlib import Path
+
+    from .engine import ingest
+
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.endswith(".h5ad"):
+            return ingest.from_h5ad(text, path, **kwargs)
+        if text.endswith((".gem", ".gem.gz")):
+            return ingest.from_gem(text, path, **kwargs)
+        if (Path(text) / "filtered_feature_bc_matrix.h5").exists():
+            return ingest.from_visium_hd(text, path, **kwargs)
+        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz] or a Visium HD "
+                         "binned folder)")
+    if hasattr(source, "tables") and hasattr(source, "shapes"):
+        return ingest.from_spatialdata(source, path, **kwargs)
+    return ingest.from_anndata(source, path, **kwargs)
+
+
+def read_results(path, key: str = "flashdeconv"):
+    """Proportions (DataFrame) of a completed run stored in a spot store."""
+    from .engine.results import read_results as read
+
+    return read(path, key)
+
+
+def read_store_view(path, key: str = "flashdeconv"):
+    """AnnData with a spot store's results, coordinates and obs, without the counts."""
+    from .engine.results import read_store_view as read
+
+    return read(path, key)

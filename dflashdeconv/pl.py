@@ -117,3 +117,95 @@ def dominant(adata, key: str = "flashdeconv", spatial_key: str = "spatial",
     ax.legend(handles=[Patch(color=colours[k], label=str(n)) for k, n in enumerate(names)],
               loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return _finish(fig, save, show)
+
+
+def uncertainty(adata, key: str = "flashdeconv", cell_types=None, what: str = "ci_width",
+                spatial_key: str = "spatial", ncols: int = 4, pixel_size: float | None = None,
+                save=None, show: bool = False):
+    """Maps of the uncertainty of each type's proportion: ``what="ci_width"`` (upper - lower
+    bound of the 95% interval) or ``"detected"`` (share of the spots in a pixel where the
+    type is detected, BH q = 0.1). Needs ``tl.deconvolve(..., uncertainty=True)``."""
+    import matplotlib.pyplot as plt
+
+    if what not in ("ci_width", "detected"):
+        raise InputError(f"what must be 'ci_width' or 'detected', got {what!r}")
+    needed = [f"{key}_ci_lower", f"{key}_ci_upper"] if what == "ci_width" else [f"{key}_detected"]
+    missing = [k for k in needed if k not in adata.obsm]
+    if missing:
+        raise InputError(f"no {missing} in obsm: run tl.deconvolve(..., uncertainty=True)")
+    if what == "ci_width":
+        table = adata.obsm[needed[1]] - adata.obsm[needed[0]]
+    else:
+        table = adata.obsm[needed[0]].astype(float)
+    names = list(table.columns)
+    chosen = names if cell_types is None else list(cell_types)
+    image, extent = raster(np.asarray(adata.obsm[spatial_key]),
+                           table[chosen].to_numpy(), pixel_size)
+    ncols = min(ncols, len(chosen))
+    nrows = int(np.ceil(len(chosen) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    cmap = "magma" if what == "ci_width" else "Greens"
+    for ax, c in zip(axes.ravel(), range(len(chosen))):
+        shown = ax.imshow(image[..., c], origin="lower", extent=extent, vmin=0, vmax=1,
+                          cmap=cmap, interpolation="nearest")
+        ax.set_title(str(chosen[c]), fontsize=10)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(chosen):]:
+        ax.axis("off")
+    label = "95% interval width" if what == "ci_width" else "detected (share of spots)"
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=label)
+    return _finish(fig, save, show)
+
+
+def convergence(adata, key: str = "flashdeconv", save=None, show: bool = False):
+    """The solver's largest relative change per iteration against its tolerance."""
+    import matplotlib.pyplot as plt
+
+    params = adata.uns.get(f"{key}_params") if hasattr(adata, "uns") else adata
+    if not params or "changes" not in params:
+        raise InputError(f"no convergence record in uns[{key + '_params'!r}]")
+    changes = np.asarray(params["changes"], dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.semilogy(np.arange(1, changes.size + 1), changes, marker="o")
+    ax.axhline(float(params["tol"]), color="grey", linestyle="--", label=f"tol {params['tol']:g}")
+    ax.set_xlabel("iteration" if "inner_sweeps" not in params else "round")
+    ax.set_ylabel("max |change| / max |beta|")
+    state = "converged" if params.get("converged") else "not converged"
+    ax.set_title(f"solver: {state} after {changes.size}")
+    ax.legend()
+    return _finish(fig, save, show)
+
+
+def expression(predicted, genes, measured=None, spatial_key: str = "spatial",
+               pixel_size: float | None = None, save=None, show: bool = False):
+    """Maps of predicted expression (e.g. STFlow's tiles x genes AnnData) per gene, beside
+    the measured expression when ``measured`` (an AnnData with the same genes) is given.
+    Each gene shares one colour scale between the two rows."""
+    import matplotlib.pyplot as plt
+
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    sources = [("predicted", predicted)] + ([("measured", measured)] if measured is not None else [])
+    for label, data in sources:
+        missing = [g for g in genes if g not in data.var_names]
+        if missing:
+            raise InputError(f"genes {missing} not in the {label} AnnData")
+    fig, axes = plt.subplots(len(sources), len(genes), squeeze=False,
+                             figsize=(3.2 * len(genes), 3.0 * len(sources)))
+    for col, gene in enumerate(genes):
+        maps = []
+        for label, data in sources:
+            values = data[:, gene].X
+            values = np.asarray(values.toarray() if hasattr(values, "toarray") else values).ravel()
+            maps.append(raster(np.asarray(data.obsm[spatial_key]), values, pixel_size))
+        top = max(np.nanmax(m[0]) for m in maps) or 1.0
+        for row, ((label, _), (image, extent)) in enumerate(zip(sources, maps)):
+            ax = axes[row, col]
+            ax.imshow(image, origin="lower", extent=extent, vmin=0, vmax=top, cmap="viridis",
+                      interpolation="nearest")
+            ax.set_title(f"{gene} ({label})", fontsize=10)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _finish(fig, save, show)

@@ -19,7 +19,7 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                key_added: str = "flashdeconv", random_state: int = 0,
                gene_weighting: str = "expected", copy: bool = False, scheduler=None,
                inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
-               progress: bool = True):
+               progress: bool = True, uncertainty: bool = False):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
     Same parameters as :class:`~dflashdeconv.FlashDeconv`; counts are taken from ``.X``
@@ -40,8 +40,16 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
     - ``obs[key_added + '_zero_signal']``: spots without counts on the used genes, whose
       (uniform) proportions carry no information
     - ``uns[key_added + '_params']``: parameters, penalties used and convergence
+      (``changes``: the largest relative change of each iteration)
+    - with ``uncertainty=True`` (in memory only): ``obsm[key_added + '_ci_lower']``,
+      ``obsm[key_added + '_ci_upper']`` (95% sandwich intervals of the proportions) and
+      ``obsm[key_added + '_detected']`` (Benjamini-Hochberg detection calls at q = 0.1)
     """
     if isinstance(adata_st, (str, os.PathLike)):
+        if uncertainty:
+            from .errors import InputError
+
+            raise InputError("uncertainty=True is available for in-memory AnnData input only")
         from .engine.run import deconvolve_store
         from .io import load_reference
 
@@ -77,6 +85,14 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         "cell_type_names": [str(t) for t in types],
         "converged": bool(model.info_["converged"]),
         "n_iterations": int(model.info_["n_iterations"]),
+        "changes": [float(c) for c in model.info_["changes"]],
         "n_zero_signal": int(np.sum(model.zero_signal_)),
     }
+    if uncertainty:
+        import pandas as pd
+
+        uq = model.compute_uncertainty()
+        for name in ("ci_lower", "ci_upper", "detected"):
+            adata.obsm[f"{key_added}_{name}"] = pd.DataFrame(
+                uq[name], index=adata.obs_names, columns=[str(t) for t in types])
     return adata if copy else None

@@ -59,14 +59,17 @@ def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_l
     """A Dask client for the engine.
 
     ``scheduler`` may be a ``distributed.Client`` (used as is), a scheduler address such
-    as ``tcp://10.0.0.5:8786`` (connected to) or None (a LocalCluster sized from the
-    machine, closed with the connection). The dashboard address is printed unless
-    ``quiet``.
+    as ``tcp://10.0.0.5:8786`` (connected to) or None: the address in Dask's
+    ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``, set by the Dask operator in
+    a DaskJob) if any, else a LocalCluster sized from the machine, closed with the
+    connection. The dashboard address is printed unless ``quiet``.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if isinstance(scheduler, Client):
         return Connection(scheduler, owns_cluster=False)
+    scheduler = scheduler or dask.config.get("scheduler-address", None)
     if scheduler is not None:
         client = Client(scheduler)
         owns = False
@@ -109,3 +112,33 @@ def task_device() -> str:
         if declares and torch.cuda.is_available():
             return "cuda:0"
     return "cpu"
+
+
+def kube_cluster_spec(name: str, image: str, *, n_workers: int = 2, worker_memory: str = "8Gi",
+                      worker_cpu: str = "2", env: dict | None = None, secret: str | None = None) -> dict:
+    """DaskCluster manifest (Dask operator) for a dflashdeconv cluster: single-threaded
+    workers with a memory limit matching their pods, object-store credentials from a
+    Secret. Needs the ``kubernetes`` extra (``dask-kubernetes``)."""
+    from dask_kubernetes.operator import make_cluster_spec
+
+    resources = {"requests": {"cpu": worker_cpu, "memory": worker_memory},
+                 "limits": {"cpu": worker_cpu, "memory": worker_memory}}
+    spec = make_cluster_spec(name=name, image=image, n_workers=n_workers, resources=resources,
+                             env={"NUMBA_CACHE_DIR": "/tmp/numba-cache", **(env or {})})
+    worker = spec["spec"]["worker"]["spec"]["containers"][0]
+    worker["args"] = ["dask-worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", "1",
+                      "--memory-limit", worker_memory.replace("Gi", "GiB"), "--dashboard",
+                      "--dashboard-address", "8788"]
+    if secret:
+        for role in ("scheduler", "worker"):
+            for container in spec["spec"][role]["spec"]["containers"]:
+                container["envFrom"] = [{"secretRef": {"name": secret}}]
+    return spec
+
+
+def kube_cluster(name: str, image: str, **options):
+    """Start a dask-kubernetes ``KubeCluster`` from :func:`kube_cluster_spec` (needs the
+    ``kubernetes`` extra and a cluster running the Dask operator)."""
+    from dask_kubernetes.operator import KubeCluster
+
+    return KubeCluster(custom_cluster_spec=kube_cluster_spec(name, image, **options))

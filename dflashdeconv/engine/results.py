@@ -52,7 +52,8 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
 
     Returns its path and the attributes recorded so far (``selection`` after the
     statistics pass, ``checkpoint`` after solver rounds). A resumed run must have the same
-    ``fingerprint`` (inputs and parameters); a new run refuses to replace results unless
+    ``fingerprint`` (inputs and parameters); with nothing recorded, ``resume`` starts a new
+    run (so a batch job can always pass it). A new run refuses to replace results unless
     ``overwrite``.
     """
     if not key or "/" in key or key in INPUT_KEYS:
@@ -63,9 +64,7 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
     root = store.root("r+")
     run_name = run_group_name(key)
     run_path = f"{store.path.rstrip('/')}/uns/{run_name}"
-    if resume:
-        if run_name not in root["uns"]:
-            raise InputError(f"{store.path} has no run under {key!r} to resume")
+    if resume and run_name in root["uns"]:
         attrs = dict(root["uns"][run_name].attrs)
         if attrs.get("fingerprint") != fingerprint:
             raise InputError(f"the run under {key!r} in {store.path} used other inputs or "

@@ -1,0 +1,29 @@
+"""Every notebook runs top to bottom (with small sizes) in a fresh kernel."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+SMALL = {"DFLASHDECONV_NOTEBOOK_SPOTS": "20000", "DFLASHDECONV_NOTEBOOK_DEPTH": "1500",
+         "DFLASHDECONV_NOTEBOOK_EPOCHS": "3"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    for name, value in SMALL.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DFLASHDECONV_NOTEBOOK_DIR", str(tmp_path))
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the maps were drawn
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "dashboard:" in text
