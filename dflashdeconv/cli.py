@@ -95,10 +95,12 @@ def _deconvolve(args) -> int:
 
             raise InputError("--out OUT.h5ad is needed for an .h5ad input (the input is not modified)")
         adata = _read_anndata(args.spatial)
-        tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=args.key,
-                      layer_st=args.layer, layer_ref=args.layer_ref, spatial_key=args.spatial_key,
-                      **params)
-        adata.write_h5ad(args.out)
+        with _status(f"deconvolving {adata.n_obs:,} spots in memory", args.quiet):
+            tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=args.key,
+                          layer_st=args.layer, layer_ref=args.layer_ref,
+                          spatial_key=args.spatial_key, **params)
+        with _status(f"writing {args.out}", args.quiet):
+            adata.write_h5ad(args.out)
         p = adata.uns[f"{args.key}_params"]
         n_spots, converged, iterations = adata.n_obs, p["converged"], p["n_iterations"]
         types, where = p["cell_type_names"], args.out
@@ -113,6 +115,17 @@ def _deconvolve(args) -> int:
                                     f"{iterations} iterations (tol {args.tol:g})"),
                     ("results", where)])
     return EXIT_OK if converged else EXIT_NOT_CONVERGED
+
+
+def _status(message: str, quiet: bool):
+    """A spinner on stderr for a step without a measurable length."""
+    from contextlib import nullcontext
+
+    if quiet:
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
 
 
 def _plot(source, key: str, folder: str) -> None:

@@ -67,30 +67,36 @@ def _finish(fig, save, show):
     return fig
 
 
+def _panels(image, extent, titles, ncols: int, cmap: str, label: str):
+    """One map per channel of ``image`` on a 0-1 colour scale shared by all panels."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, len(titles))
+    nrows = int(np.ceil(len(titles) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, c in zip(axes.ravel(), range(len(titles))):
+        shown = ax.imshow(image[..., c], origin="lower", extent=extent, vmin=0, vmax=1,
+                          cmap=cmap, interpolation="nearest")
+        ax.set_title(str(titles[c]), fontsize=10)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(titles):]:
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=label)
+    return fig
+
+
 def proportions(adata, key: str = "flashdeconv", cell_types=None, spatial_key: str = "spatial",
                 ncols: int = 4, pixel_size: float | None = None, save=None, show: bool = False):
     """One map per cell type of its proportion (0-1 colour scale)."""
-    import matplotlib.pyplot as plt
-
     coords, values, names = _results(adata, key, spatial_key)
     chosen = names if cell_types is None else list(cell_types)
     missing = [t for t in chosen if t not in names]
     if missing:
         raise InputError(f"cell types {missing} not in obsm[{key!r}] ({names})")
     image, extent = raster(coords, values[:, [names.index(t) for t in chosen]], pixel_size)
-    ncols = min(ncols, len(chosen))
-    nrows = int(np.ceil(len(chosen) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
-    for ax, c in zip(axes.ravel(), range(len(chosen))):
-        shown = ax.imshow(image[..., c], origin="lower", extent=extent, vmin=0, vmax=1,
-                          cmap="viridis", interpolation="nearest")
-        ax.set_title(str(chosen[c]), fontsize=10)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes.ravel()[len(chosen):]:
-        ax.axis("off")
-    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="proportion")
+    fig = _panels(image, extent, chosen, ncols, "viridis", "proportion")
     return _finish(fig, save, show)
 
 
@@ -125,8 +131,6 @@ def uncertainty(adata, key: str = "flashdeconv", cell_types=None, what: str = "c
     """Maps of the uncertainty of each type's proportion: ``what="ci_width"`` (upper - lower
     bound of the 95% interval) or ``"detected"`` (share of the spots in a pixel where the
     type is detected, BH q = 0.1). Needs ``tl.deconvolve(..., uncertainty=True)``."""
-    import matplotlib.pyplot as plt
-
     if what not in ("ci_width", "detected"):
         raise InputError(f"what must be 'ci_width' or 'detected', got {what!r}")
     needed = [f"{key}_ci_lower", f"{key}_ci_upper"] if what == "ci_width" else [f"{key}_detected"]
@@ -141,21 +145,8 @@ def uncertainty(adata, key: str = "flashdeconv", cell_types=None, what: str = "c
     chosen = names if cell_types is None else list(cell_types)
     image, extent = raster(np.asarray(adata.obsm[spatial_key]),
                            table[chosen].to_numpy(), pixel_size)
-    ncols = min(ncols, len(chosen))
-    nrows = int(np.ceil(len(chosen) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
-    cmap = "magma" if what == "ci_width" else "Greens"
-    for ax, c in zip(axes.ravel(), range(len(chosen))):
-        shown = ax.imshow(image[..., c], origin="lower", extent=extent, vmin=0, vmax=1,
-                          cmap=cmap, interpolation="nearest")
-        ax.set_title(str(chosen[c]), fontsize=10)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes.ravel()[len(chosen):]:
-        ax.axis("off")
     label = "95% interval width" if what == "ci_width" else "detected (share of spots)"
-    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=label)
+    fig = _panels(image, extent, chosen, ncols, "magma" if what == "ci_width" else "Greens", label)
     return _finish(fig, save, show)
 
 
