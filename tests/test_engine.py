@@ -200,3 +200,42 @@ def test_bad_counts_in_a_store_name_the_block(dask_client, reference, tmp_path):
     store = writer.close()
     with pytest.raises(InputError, match=r"block 1 \(rows 256-511\): 1 NaN"):
         deconvolve_store(store.path, X, types, genes, scheduler=dask_client, progress=False)
+
+
+def test_result_does_not_depend_on_the_block_size(dask_client, reference, tmp_path):
+    X, types, genes = reference
+    results = []
+    for rows in (128, 1024):
+        store = TISSUE.write_store(tmp_path / f"b{rows}.zarr", chunk_rows=rows)
+        deconvolve_store(store.path, X, types, genes, scheduler=dask_client, progress=False)
+        table = read_results(store.path)
+        results.append(table.loc[sorted(table.index)].to_numpy())
+        run = store.root()["uns"]["flashdeconv_run"]
+        indptr = np.asarray(run["halo_indptr"][...])
+        assert indptr.size == store.n_blocks + 1 and indptr[-1] > 0  # halos recorded
+        blocks = np.asarray(store.root()["obs"]["block"][...])
+        assert np.array_equal(blocks, np.arange(store.n_spots) // rows)
+    assert np.abs(results[0] - results[1]).max() < 1e-13
+
+
+def test_store_at_an_fsspec_url(reference):
+    """A store in an fsspec file system (here ``memory://``, shared by threads)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from dflashdeconv.engine.ingest import from_anndata
+
+    X, types, genes = reference
+    spots = TISSUE.spots(0, 1200)
+    url = "memory://dflashdeconv-test/spots.zarr"
+    store = from_anndata(spots, url, chunk_rows=256)
+    assert store.n_blocks == 5
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        summary = deconvolve_store(url, X, types, genes, scheduler=client, progress=False)
+    assert summary["converged"]
+    memory = FlashDeconv().fit(spots.X, X, spots.obsm["spatial"])
+    table = read_results(url)
+    expected = pd.DataFrame(memory.proportions_, index=spots.obs_names)
+    assert np.abs(table.to_numpy() - expected.loc[table.index].to_numpy()).max() < 1e-10

@@ -101,6 +101,19 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
     return run_path, dict(run.attrs)
 
 
+def record_halos(run_path: str, halos: list) -> None:
+    """The solver halo of every block (the spots of other blocks its graph rows reach), as
+    a ragged array: ``halo_rows[halo_indptr[b]:halo_indptr[b + 1]]`` for block b."""
+    run = open_zarr(run_path, "r+")
+    indptr = np.concatenate([[0], np.cumsum([len(h) for h in halos])]).astype(np.int64)
+    rows = np.concatenate(halos).astype(np.int64) if halos else np.empty(0, np.int64)
+    for name, values in (("halo_indptr", indptr), ("halo_rows", rows)):
+        array = run.create_array(name, shape=values.shape, dtype=np.int64, overwrite=True,
+                                 chunks=(max(values.size, 1),), config=_ALL_CHUNKS)
+        array[...] = values
+        array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
 def record(run_path: str, **attrs) -> None:
     """Record progress (``selection``, ``checkpoint``, ``status``) in the run group."""
     open_zarr(run_path, "r+").attrs.update(attrs)

@@ -29,7 +29,7 @@ from . import passes
 from .blocks import build_graph
 from .cluster import connect
 from .lock import StoreLock
-from .results import open_run, publish, record, write_block_results
+from .results import open_run, publish, record, record_halos, write_block_results
 from .solve import BlockSolver, beta_of, make_problem
 from .store import SpotStore, open_zarr
 
@@ -119,6 +119,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     t0 = time.perf_counter()
     problems = client.map(make_problem, graphs, projection, pure=False)
     solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)])
+    record_halos(run_path, solver.halos)
     bar = _RoundProgress(params["tol"]) if progress else None
 
     def on_round(round_, change, checkpoint):

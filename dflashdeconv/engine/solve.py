@@ -137,7 +137,7 @@ class BlockSolver:
     def __init__(self, client, problems: list, row_ranges: list[tuple[int, int]]):
         self.client = client
         self.problems = problems
-        halos = client.gather(client.map(halo_rows_of, problems))
+        self.halos = halos = client.gather(client.map(halo_rows_of, problems))
         starts = np.array([r[0] for r in row_ranges])
         n = len(problems)
         owners = [np.searchsorted(starts, halo, side="right") - 1 for halo in halos]

@@ -9,6 +9,7 @@ Layout (``anndata.read_zarr`` opens it)::
 
     X/{data,indices,indptr}      CSR counts, appended chunk by chunk (input, read only)
     obs/_index, obs/input_row    spot names, row of the spot in the source
+    obs/block                    the spatial block (row chunk) of each spot
     var/_index                   gene names
     obsm/spatial                 coordinates (N x 2 or N x 3), chunked by blocks
     uns/dflashdeconv_layout      chunk_rows, source, format version; written last
@@ -271,7 +272,8 @@ class StoreWriter:
         self.root = root
         from anndata.io import write_elem
 
-        obs = pd.DataFrame({"input_row": np.asarray(input_rows, np.int64)},
+        obs = pd.DataFrame({"input_row": np.asarray(input_rows, np.int64),
+                            "block": (np.arange(n) // chunk_rows).astype(np.int32)},
                            index=pd.Index(np.asarray(obs_names).astype(str)))
         write_elem(root, "obs", obs)
         write_elem(root, "var", pd.DataFrame(index=pd.Index(np.asarray(gene_names).astype(str))))
