@@ -202,3 +202,19 @@ def test_two_cli_runs_against_one_store(source, tmp_path):
     assert second.returncode == 4 and "in use by another run" in err_second
     assert SpotStore.open(path).n_spots == TISSUE.n_spots
     np.testing.assert_allclose(read_results(path).sum(axis=1), 1.0)
+
+
+def test_resume_after_an_interrupted_publish(source, undisturbed, tmp_path, dask_client):
+    store, reference = source
+    path = _copy(store, tmp_path)
+    X, types, genes = load_reference(__import__("anndata").read_h5ad(reference))
+    deconvolve_store(path, X, types, genes, scheduler=dask_client, **RUN)
+    # as if stopped between moving the results into place and writing the completion mark
+    root = open_zarr(path, "r+")
+    del root["uns"]["flashdeconv_params"]
+    root["uns"]["flashdeconv_run"].attrs["status"] = "running"
+    with pytest.raises(InputError, match="no completed results"):
+        read_results(path)
+    summary = deconvolve_store(path, X, types, genes, scheduler=dask_client, resume=True, **RUN)
+    assert summary["converged"] and "resumed" not in summary
+    assert np.array_equal(read_results(path).to_numpy(), undisturbed[0])

@@ -89,16 +89,31 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
                             fill_value=False, config=_ALL_CHUNKS)
     done.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     done[...] = False
+    run.attrs.update({"status": "running", "cell_types": list(names), "fingerprint": fingerprint})
+    return run_path, dict(run.attrs)
+
+
+def prepare_staging(store: SpotStore, key: str, run_path: str) -> None:
+    """Fresh staging arrays for the results; leftovers of a publish that was interrupted
+    (results without ``uns/K_params``) are removed first."""
+    root = store.root("r+")
+    if f"{key}_params" not in root["uns"]:
+        for group, name in (("obsm", key), ("obs", f"{key}_dominant"), ("obs", f"{key}_zero_signal")):
+            if name in root[group]:
+                del root[group][name]
+    run = open_zarr(run_path, "r+")
+    if "staging" in run:
+        del run["staging"]
+    names = list(run.attrs["cell_types"])
+    n, rows = store.n_spots, store.chunk_rows
     staging = _dict_group(run, "staging")
     frame = staging.require_group("proportions")
     frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
-                        "_index": "_index", "column-order": list(names)})
+                        "_index": "_index", "column-order": names})
     for name in names:
         _array(frame, name, (n,), np.float64, rows)
     _array(staging, "dominant_codes", (n,), np.int16, rows)
     _array(staging, "zero_signal", (n,), bool, rows)
-    run.attrs.update({"status": "running", "cell_types": list(names), "fingerprint": fingerprint})
-    return run_path, dict(run.attrs)
 
 
 def record_halos(run_path: str, halos: list) -> None:

@@ -29,7 +29,14 @@ from . import passes
 from .blocks import build_graph
 from .cluster import connect
 from .lock import StoreLock
-from .results import open_run, publish, record, record_halos, write_block_results
+from .results import (
+    open_run,
+    prepare_staging,
+    publish,
+    record,
+    record_halos,
+    write_block_results,
+)
 from .solve import BlockSolver, beta_of, make_problem
 from .store import SpotStore, open_zarr
 
@@ -144,6 +151,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     beta = client.map(beta_of, solution.states, pure=False)
 
     t0 = time.perf_counter()
+    prepare_staging(store, key, run_path)
     written = client.map(write_block_results, [store] * store.n_blocks,
                          [run_path] * store.n_blocks, range(store.n_blocks), beta, totals,
                          pure=False)
