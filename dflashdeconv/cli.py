@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     p.set_defaults(run=_info)
 
+    from .histo.command import add_parser as add_predict_expression
+
+    add_predict_expression(commands)
+
     p = commands.add_parser(
         "demo", help="deconvolve the bundled STARmap cortex data and score it",
         description="Deconvolve the bundled STARmap cortex pseudo-spots, print Pearson r and "

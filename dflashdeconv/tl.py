@@ -96,3 +96,23 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
             adata.obsm[f"{key_added}_{name}"] = pd.DataFrame(
                 uq[name], index=adata.obs_names, columns=[str(t) for t in types])
     return adata if copy else None
+
+
+def predict_expression(query, training=None, **kwargs):
+    """Expression predicted from H&E with STFlow for every tile (or spot) of ``query``.
+
+    Returns an AnnData (tiles x genes, ``obsm['spatial']`` = tile centres, ``uns`` with the
+    run's metadata) and writes a table into the query's SpatialData object. See
+    :func:`dflashdeconv.histo.predict.predict_expression` for the parameters.
+    """
+    from .histo.predict import predict_expression as predict
+
+    return predict(query, training, **kwargs)
+
+
+def predict_cell_types(expression, reference, cell_type_key: str = "cell_type", **kwargs):
+    """Per-tile cell-type proportions from H&E alone: FlashDeconv on the expression that
+    :func:`predict_expression` returned, with a single-cell ``reference``."""
+    from .histo.predict import cell_type_maps
+
+    return cell_type_maps(expression, reference, cell_type_key, **kwargs)

@@ -24,7 +24,7 @@ def sha(path):
 
 
 def test_all_commands_are_there():
-    assert {"deconvolve", "ingest", "synth", "info", "demo"} <= set(SUBCOMMANDS)
+    assert {"deconvolve", "ingest", "synth", "info", "demo", "predict-expression"} <= set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -35,10 +35,12 @@ def local_cluster_options(n_workers: int | None = None, threads_per_worker: int 
 
 @dataclass
 class Connection:
-    """A Client and whether this process started (and must close) its cluster."""
+    """A Client and what this process created, and so must close: the client (connected to
+    an address) and the cluster (a LocalCluster)."""
 
     client: object
     owns_cluster: bool
+    owns_client: bool = False
 
     def close(self) -> None:
         if self.owns_cluster:
@@ -46,6 +48,8 @@ class Connection:
             self.client.close()
             if cluster is not None:
                 cluster.close()
+        elif self.owns_client:
+            self.client.close()
 
     def __enter__(self):
         return self.client
@@ -72,16 +76,16 @@ def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_l
     scheduler = scheduler or dask.config.get("scheduler-address", None)
     if scheduler is not None:
         client = Client(scheduler)
-        owns = False
+        owns, owns_client = False, True
     else:
         options = local_cluster_options(n_workers, threads_per_worker, memory_limit)
         options.update(cluster_kwargs)
         cluster = LocalCluster(processes=True, dashboard_address=":0", **options)
         client = Client(cluster)
-        owns = True
+        owns, owns_client = True, True
     if not quiet:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-    return Connection(client, owns_cluster=owns)
+    return Connection(client, owns_cluster=owns, owns_client=owns_client)
 
 
 def gpu_workers(client) -> list[str]:

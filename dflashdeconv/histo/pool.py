@@ -1,0 +1,167 @@
+"""The GPU worker pool: histology tasks on Dask workers that declare ``GPU=1``.
+
+Tasks are submitted with ``resources={"GPU": 1}`` when the cluster has such workers
+(``dask worker ADDRESS --resources GPU=1``, one worker per GPU) and run on the device
+:func:`~dflashdeconv.engine.cluster.task_device` picks there; without them the same tasks
+run on any worker, on CPU. Workers read their own tiles from the lazy slide, so only
+coordinates go out and only features come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.cluster import gpu_task_options, task_device
+from ..errors import InputError
+from .encoders import Encoder, encoder_identity, features_key, get_encoder
+from .slide import SlideImage, TileSpec, cache_dir
+
+#: Tiles read and embedded per task (bounds a task's memory: 512 x 224^2 x 3 B = 77 MB).
+TILES_PER_TASK = 512
+
+# Encoders built in this worker process, by (name, weights, options): weights load once.
+_ENCODERS: dict[tuple, Encoder] = {}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """Where a task ran."""
+
+    worker: str
+    device: str
+
+
+def _record() -> TaskRecord:
+    from distributed import get_worker
+
+    try:
+        address = get_worker().address
+    except ValueError:  # run in the client process, not on a worker
+        address = "local"
+    return TaskRecord(address, task_device())
+
+
+def _worker_encoder(encoder, weights, options) -> Encoder:
+    if isinstance(encoder, Encoder):
+        return encoder
+    key = (encoder, None if weights is None else str(weights), tuple(sorted(options.items())))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = get_encoder(encoder, weights=weights, **options)
+    return _ENCODERS[key]
+
+
+def embed_task(slide: SlideImage, centres: np.ndarray, spec: TileSpec, encoder, weights=None,
+               options: dict | None = None) -> tuple[np.ndarray, TaskRecord]:
+    """Read the tiles at ``centres`` from the slide and embed them on this worker's device."""
+    record = _record()
+    model = _worker_encoder(encoder, weights, options or {})
+    features = model.embed(slide.read_tiles(centres, spec), device=record.device)
+    return features, record
+
+
+def train_task(model, features, coords, expression, slide_ids, gene_names, metadata):
+    """Fit an unfitted :class:`~dflashdeconv.histo.stflow.STFlow` on this worker's device;
+    the fitted model comes back on CPU (a client without a GPU can unpickle it)."""
+    record = _record()
+    model.set_params(device=record.device)
+    model.fit(features, coords, expression, slide_ids, gene_names=gene_names, metadata=metadata)
+    model.model_.to("cpu")
+    model.set_params(device=None)
+    return model, record
+
+
+def predict_task(model, features, coords, slide_ids=None):
+    """Sample expression with a fitted STFlow on this worker's device."""
+    record = _record()
+    model.set_params(device=record.device)
+    model.model_.to(record.device)
+    try:
+        return model.predict(features, coords, slide_ids), record
+    finally:
+        model.model_.to("cpu")
+        model.set_params(device=None)
+
+
+def submit(client, function, *args, **kwargs):
+    """``client.submit`` that sends the task to a GPU worker when the cluster has one."""
+    return client.submit(function, *args, pure=False, **gpu_task_options(client), **kwargs)
+
+
+def gather(futures, description: str | None = None):
+    """Results of ``futures`` in order, with a progress bar when ``description`` is given."""
+    from distributed import as_completed
+
+    results = {}
+    progress = _progress_bar() if description else None
+    order = {future.key: i for i, future in enumerate(futures)}
+    with progress or contextlib.nullcontext():
+        task = progress.add_task(description, total=len(futures)) if progress else None
+        for future in as_completed(futures):
+            results[order[future.key]] = future.result()
+            if progress:
+                progress.advance(task)
+    return [results[i] for i in range(len(futures))]
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=False)
+
+
+def _spatial_order(centres: np.ndarray, side: float) -> np.ndarray:
+    """Row-major order of tiles by bands of one tile height: neighbours share chunks."""
+    band = np.floor(centres[:, 1] / max(side, 1e-9))
+    return np.lexsort((centres[:, 0], band))
+
+
+def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="morphology", *,
+                weights=None, options: dict | None = None, cache=None, use_cache: bool = True,
+                tiles_per_task: int = TILES_PER_TASK, description: str | None = None):
+    """Features (n, F) of the tiles of ``spec`` at ``centres`` and the task records.
+
+    Features are cached per (slide, tile spec, encoder, centres) under
+    ``cache_dir(cache)/features``; a cached result is returned without any task.
+    """
+    centres = np.asarray(centres, np.float64).reshape(-1, 2)
+    if len(centres) == 0:
+        raise InputError("no tiles to embed")
+    options = dict(options or {})
+    identity = encoder.identity if isinstance(encoder, Encoder) else \
+        encoder_identity(encoder, weights, options)
+    path = cache_dir(cache) / "features" / \
+        f"{features_key(identity, slide.fingerprint, spec.to_dict(), centres)}.npy"
+    if use_cache and path.exists():
+        return np.load(path), []
+    order = _spatial_order(centres, slide.field_px(spec))
+    # sent once, not with every task: an in-memory image travels inside the slide's graph
+    [shared_slide] = client.scatter([slide], hash=False)
+    futures = [submit(client, embed_task, shared_slide, centres[order[start:start + tiles_per_task]],
+                      spec, encoder, weights, options)
+               for start in range(0, len(order), tiles_per_task)]
+    parts = gather(futures, description)
+    features = np.empty((len(centres), parts[0][0].shape[1]), np.float32)
+    features[order] = np.concatenate([part for part, _ in parts])
+    if use_cache:
+        _save_atomic(path, features)
+    return features, [record for _, record in parts]
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, suffix=".npy")
+    with os.fdopen(handle, "wb") as out:
+        np.save(out, array)
+    os.replace(scratch, path)
+
+
+__all__ = ["embed_task", "train_task", "predict_task", "submit", "gather", "embed_tiles",
+           "TaskRecord", "TILES_PER_TASK"]

@@ -1,0 +1,323 @@
+"""H&E to expression and cell types: tile, embed, train STFlow and predict on the pool.
+
+:func:`train_expression_model` learns a gene panel from paired slides (H&E + spot
+counts); :func:`predict_expression` predicts it for every tile of a query slide (or its
+spots) and writes a table into the SpatialData object; :func:`cell_type_maps` feeds the
+predicted expression into FlashDeconv with a single-cell reference, so H&E alone gives
+per-tile cell-type proportions.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from ..errors import DataWarning, InputError
+from . import pool
+from .slide import (
+    PREDICTION_MARKER,
+    TileSpec,
+    image_transformations,
+    open_slide,
+    slide_image,
+    spots_table,
+    tile_grid,
+)
+from .stflow import STFlow
+
+#: Where :func:`predict_expression` predicts.
+LOCATIONS = ("tiles", "spots")
+
+
+def _as_spatialdata(source, slide_mpp, cache, what: str):
+    from spatialdata import SpatialData
+
+    if isinstance(source, SpatialData):
+        return source
+    if isinstance(source, (str, Path)):
+        return open_slide(source, slide_mpp=slide_mpp, cache=cache)
+    raise InputError(f"{what} must be a SpatialData object or a slide path, got "
+                     f"{type(source).__name__}")
+
+
+def _count_matrix(table, genes: np.ndarray, layer: str | None, what: str) -> np.ndarray:
+    """Dense (spots, genes) raw counts of ``genes``, checked finite and non-negative."""
+    matrix = table.X if layer is None else table.layers[layer] if layer in table.layers else None
+    if matrix is None:
+        raise InputError(f"{what}: no counts (.X is None or layer {layer!r} missing)")
+    position = pd.Index(table.var_names.astype(str)).get_indexer(genes)
+    counts = matrix[:, position]
+    counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
+    if not np.isfinite(counts).all():
+        raise InputError(f"{what}: counts contain NaN or infinite values")
+    if (counts < 0).any():
+        raise InputError(f"{what}: counts contain negative values; raw counts expected")
+    return counts
+
+
+def select_genes(tables, genes=50, within=None) -> np.ndarray:
+    """The gene panel: the listed ``genes`` (each must be in every table), or the
+    ``genes`` most variable genes (variance of log1p counts over all spots) among the
+    genes every table measures (and, if given, that are ``within`` these names, e.g. a
+    single-cell reference's genes)."""
+    names = [pd.Index(t.var_names.astype(str)) for t in tables]
+    if any(not n.is_unique for n in names):
+        raise InputError("duplicate gene names in a training table; make them unique "
+                         "(AnnData.var_names_make_unique)")
+    shared = names[0]
+    for n in names[1:]:
+        shared = shared.intersection(n)
+    if within is not None and isinstance(genes, (int, np.integer)):
+        shared = shared.intersection(pd.Index(np.asarray(within).astype(str)))
+    if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
+        if genes < 1:
+            raise InputError(f"genes must be a positive number or a list of names, got {genes}")
+        if shared.size == 0:
+            raise InputError("the training slides share no gene names")
+        shared = np.asarray(sorted(shared))
+        counts = np.vstack([_count_matrix(t, shared, None, "training table") for t in tables])
+        variance = np.log1p(counts).var(axis=0)
+        order = np.argsort(-variance, kind="stable")[:genes]
+        return shared[np.sort(order)]
+    panel = np.asarray([str(g) for g in genes])
+    if panel.size == 0 or pd.Index(panel).has_duplicates:
+        raise InputError("the gene panel must list at least one gene, each once")
+    missing = [g for g in panel if g not in shared]
+    if missing:
+        raise InputError(f"{len(missing)} panel genes are not measured on every training slide, "
+                         f"e.g. {missing[:5]}")
+    return panel
+
+
+def _training_slides(training, cache) -> list:
+    slides = training if isinstance(training, (list, tuple)) else [training]
+    if not slides:
+        raise InputError("no training slides given")
+    return [_as_spatialdata(s, None, cache, "a training slide") for s in slides]
+
+
+def train_expression_model(training, *, genes=50, genes_within=None, encoder: str = "morphology",
+                           encoder_weights=None, tile_spec: TileSpec | None = None,
+                           model: STFlow | None = None, layer: str | None = None,
+                           image_key: str | None = None, scheduler=None, cache=None,
+                           use_cache: bool = True, progress: bool = False) -> STFlow:
+    """Fit STFlow on paired slides: SpatialData objects (or zarr paths) with an H&E image
+    and spots whose table holds raw counts (see :func:`~dflashdeconv.histo.open_slide`).
+
+    ``genes``: a number of most variable genes (among ``genes_within`` if given) or a
+    list. Reference patches are centred on the spots with ``tile_spec`` (the same spec must be
+    used for the query tiles; it is recorded in the model). ``model``: an unfitted
+    :class:`STFlow` carrying the training parameters (default ``STFlow()``). Tasks run
+    on the GPU pool of ``scheduler`` (a Client or address; None starts a LocalCluster).
+    """
+    from ..engine.cluster import connect
+
+    spec = tile_spec or TileSpec()
+    if model is not None and not isinstance(model, STFlow):
+        raise InputError(f"model must be an STFlow, got {type(model).__name__}")
+    model = STFlow() if model is None else clone(model)  # never fit the caller's object
+    model._check_params()
+    sdatas = _training_slides(training, cache)
+    spots = [spots_table(s, image_key=image_key) for s in sdatas]
+    slides = [slide_image(s, image_key) for s in sdatas]
+    for slide in slides:
+        slide.require_mpp()
+    panel = select_genes([s.table for s in spots], genes, genes_within)
+    expression = np.log1p(np.vstack([_count_matrix(s.table, panel, layer, f"training slide {i}")
+                                     for i, s in enumerate(spots)]))
+    coords = np.vstack([s.centres for s in spots])
+    slide_ids = np.concatenate([np.full(len(s.centres), i) for i, s in enumerate(spots)])
+    with connect(scheduler, quiet=not progress) as client:
+        features = [pool.embed_tiles(client, slide, s.centres, spec, encoder,
+                                     weights=encoder_weights, cache=cache, use_cache=use_cache,
+                                     description=f"embedding training slide {i + 1}" if progress else None)[0]
+                    for i, (slide, s) in enumerate(zip(slides, spots))]
+        metadata = {"encoder": encoder if isinstance(encoder, str) else encoder.name,
+                    "tile_spec": spec.to_dict(), "n_training_slides": len(slides)}
+        future = pool.submit(client, pool.train_task, model, np.vstack(features), coords,
+                             expression, slide_ids, list(panel), metadata)
+        fitted, _ = pool.gather([future], "training STFlow" if progress else None)[0]
+    return fitted
+
+
+def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
+    recorded = model.metadata_.get("tile_spec")
+    if recorded is not None and TileSpec(**recorded) != spec:
+        raise InputError(f"the model was trained on tiles {recorded}, the query would use "
+                         f"{spec.to_dict()}; query tiles must share the reference patches' spec")
+    name = encoder if isinstance(encoder, str) else encoder.name
+    if model.metadata_.get("encoder") not in (None, name):
+        raise InputError(f"the model was trained on {model.metadata_['encoder']!r} features, "
+                         f"not {name!r}")
+
+
+def predict_expression(query, training=None, *, model: STFlow | str | None = None, genes=50,
+                       encoder: str = "morphology", encoder_weights=None, tile_size: int = 224,
+                       tile_mpp: float = 0.5, locations: str = "tiles",
+                       stride_um: float | None = None, min_tissue: float = 0.5,
+                       slide_mpp: float | None = None, image_key: str | None = None,
+                       stflow: STFlow | None = None, layer: str | None = None, scheduler=None,
+                       cache=None, use_cache: bool = True, key_added: str = "stflow",
+                       progress: bool = False):
+    """Expression predicted from H&E for every tile of ``query`` (AnnData, tiles x genes).
+
+    ``query``: a SpatialData / WSIData object or a slide path. Either ``training``
+    (paired slides, see :func:`train_expression_model`; ``genes``, ``stflow`` and
+    ``layer`` apply) or a fitted ``model`` (an :class:`STFlow` or the path of a saved
+    one). ``locations="tiles"`` predicts on a grid of ``tile_size`` px tiles at
+    ``tile_mpp`` over the detected tissue (``stride_um``, ``min_tissue``), ``"spots"``
+    at the query's own spots.
+
+    Returns the AnnData (X = predicted log1p counts; ``obsm['spatial']`` = tile centres in
+    level-0 pixels; ``uns[key_added]`` = run metadata) and writes it into the query as
+    ``tables[key_added]`` (annotating ``shapes[key_added + '_tiles']``, or the spots).
+    """
+    from ..engine.cluster import connect
+
+    timings = {}
+    start = time.perf_counter()
+    if locations not in LOCATIONS:
+        raise InputError(f"locations must be one of {LOCATIONS}, got {locations!r}")
+    if (training is None) == (model is None):
+        raise InputError("pass either training slides or a fitted model (not both, not neither)")
+    spec = TileSpec(tile_size, tile_mpp)
+    sdata = _as_spatialdata(query, slide_mpp, cache, "query")
+    slide = slide_image(sdata, image_key, slide_mpp)
+    slide.require_mpp()
+    if model is not None:
+        model = STFlow.load(model) if isinstance(model, (str, Path)) else model
+        model._check_fitted()
+        _check_model_spec(model, encoder, spec)
+    if locations == "spots":
+        spots = spots_table(sdata, image_key=image_key)
+        centres, region, instance = spots.centres, spots.shapes_key, spots.instance_ids
+    else:
+        centres = tile_grid(slide, spec, stride_um=stride_um, min_tissue=min_tissue)
+        region, instance = None, None
+    timings["tiling"] = time.perf_counter() - start
+
+    with connect(scheduler, quiet=not progress) as client:
+        if model is None:
+            t0 = time.perf_counter()
+            model = train_expression_model(training, genes=genes, encoder=encoder,
+                                           encoder_weights=encoder_weights, tile_spec=spec,
+                                           model=stflow, layer=layer, image_key=None,
+                                           scheduler=client, cache=cache, use_cache=use_cache,
+                                           progress=progress)
+            timings["training"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        features, embed_records = pool.embed_tiles(
+            client, slide, centres, spec, encoder, weights=encoder_weights, cache=cache,
+            use_cache=use_cache, description="embedding query tiles" if progress else None)
+        timings["embedding"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        future = pool.submit(client, pool.predict_task, model, features, centres)
+        predicted, predict_record = pool.gather([future], "sampling STFlow" if progress else None)[0]
+        timings["prediction"] = time.perf_counter() - t0
+
+    records = embed_records + [predict_record]
+    uns = {
+        "genes": list(model.gene_names_ or [f"gene_{g}" for g in range(model.n_genes_)]),
+        "encoder": encoder if isinstance(encoder, str) else encoder.name,
+        "tile_spec": spec.to_dict(), "locations": locations,
+        "slide_mpp": float(slide.mpp), "slide_fingerprint": slide.fingerprint,
+        "stflow_params": {k: v for k, v in model.get_params().items() if v is not None},
+        "workers": sorted({r.worker for r in records}),
+        "devices": sorted({r.device for r in records}),
+        "timings": {k: float(v) for k, v in timings.items()},
+    }
+    return _write_table(sdata, predicted, centres, uns, (region, instance), key_added,
+                        tile_shapes=(slide, spec, image_key))
+
+
+def _write_table(sdata, predicted, centres, uns, annotates, key_added, tile_shapes):
+    """The prediction as a table; it annotates the spots (``annotates`` = (shapes key,
+    instance ids)) or, when that is (None, None), new square tile shapes."""
+    import anndata as ad
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel, TableModel
+
+    region, instance = annotates
+    n = centres.shape[0]
+    names = uns["genes"]
+    adata = ad.AnnData(X=predicted.astype(np.float32),
+                       obs=pd.DataFrame(index=[f"tile_{i}" for i in range(n)]),
+                       var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+    adata.obsm["spatial"] = centres.copy()
+    adata.uns[key_added] = uns
+    adata.uns[PREDICTION_MARKER] = key_added
+    if region is None:
+        slide, spec, image_key = tile_shapes
+        region, instance = f"{key_added}_tiles", np.arange(n)
+        half = slide.field_px(spec) / 2
+        boxes = shapely.box(centres[:, 0] - half, centres[:, 1] - half,
+                            centres[:, 0] + half, centres[:, 1] + half)
+        sdata.shapes[region] = ShapesModel.parse(
+            gpd.GeoDataFrame(geometry=boxes, index=instance),
+            transformations=image_transformations(sdata, image_key))
+    adata.obs["region"] = pd.Categorical([region] * n)
+    adata.obs["instance_id"] = instance
+    table = TableModel.parse(adata, region=region, region_key="region", instance_key="instance_id")
+    sdata.tables[key_added] = table
+    return table
+
+
+def check_reference(reference, cell_type_key: str = "cell_type") -> None:
+    """A single-cell reference is an AnnData with labels in ``obs[cell_type_key]``
+    (checked before any long work; the deconvolution checks the rest)."""
+    import anndata as ad
+
+    if not isinstance(reference, ad.AnnData):
+        raise InputError(f"reference must be an AnnData, got {type(reference).__name__}")
+    if cell_type_key not in reference.obs:
+        raise InputError(f"cell type key {cell_type_key!r} not found in the reference's .obs "
+                         f"(columns: {list(reference.obs.columns)})")
+
+
+def cell_type_maps(expression, reference, cell_type_key: str = "cell_type", *,
+                   key_added: str = "cell_types", **deconvolve_params) -> pd.DataFrame:
+    """Per-tile cell-type proportions from predicted expression (H&E only).
+
+    ``expression``: the AnnData of :func:`predict_expression` (log1p counts). The counts
+    ``expm1(X)`` go into FlashDeconv with the single-cell ``reference`` (genes matched by
+    name; a reference without the panel's genes is an error). Writes ``obsm[key_added]``
+    and ``obs[key_added + '_dominant']`` into ``expression`` and returns the proportions.
+    """
+    import anndata as ad
+
+    from ..tl import deconvolve
+
+    check_reference(reference, cell_type_key)
+    panel = pd.Index(expression.var_names.astype(str))
+    shared = panel.intersection(pd.Index(reference.var_names.astype(str)))
+    n_types = reference.obs[cell_type_key].nunique()
+    if shared.size < max(2, n_types):
+        raise InputError(f"the reference has {shared.size} of the {panel.size} panel genes "
+                         f"(missing e.g. {list(panel.difference(shared)[:5])}); deconvolving "
+                         f"{n_types} cell types needs at least {max(2, n_types)}: train STFlow "
+                         "on a panel the reference measures (genes=[...])")
+    if shared.size < panel.size:
+        warnings.warn(f"{panel.size - shared.size} panel genes are not in the reference and are "
+                      "left out of the deconvolution", DataWarning, stacklevel=2)
+    counts = ad.AnnData(X=np.expm1(np.clip(np.asarray(expression.X, np.float64), 0, None)),
+                        obs=pd.DataFrame(index=expression.obs_names),
+                        var=pd.DataFrame(index=panel))
+    counts.obsm["spatial"] = np.asarray(expression.obsm["spatial"])
+    deconvolve(counts, reference, cell_type_key=cell_type_key, key_added=key_added,
+               **deconvolve_params)
+    proportions = counts.obsm[key_added]
+    expression.obsm[key_added] = proportions
+    expression.obs[f"{key_added}_dominant"] = counts.obs[f"{key_added}_dominant"]
+    expression.uns[f"{key_added}_params"] = counts.uns[f"{key_added}_params"]
+    return proportions
+
+
+__all__ = ["train_expression_model", "predict_expression", "cell_type_maps", "check_reference",
+           "select_genes",
+           "LOCATIONS"]

@@ -1,0 +1,581 @@
+"""STFlow: whole-slide flow matching of gene expression from histology (docs/STFLOW.md).
+
+A denoiser over the spatial graph of a slide's spots (or tiles) predicts clean expression
+``x1`` from image features, coordinates, flow time ``t`` and noisy expression ``x_t``;
+training regresses ``x1`` on ``x_t = (1 - t) x0 + t x1`` with ``x0`` from a zero-inflated
+negative-binomial prior in log1p space; sampling integrates the flow with Euler steps.
+Neighbourhoods come from a k-d tree (never an N x N matrix); edge geometry is expressed
+in per-spot PCA frames averaged over their sign flips, so predictions do not change when
+the slide is rotated, reflected or translated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from sklearn.base import BaseEstimator
+from torch import nn
+
+from ..errors import InputError, NotFittedError
+
+#: File format tag of saved models.
+FORMAT = "dflashdeconv.stflow/1"
+PRIORS = ("zinb", "gaussian", "zero")
+FEATURE_NORMS = ("slide", "global")
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def neighbors(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, valid)``: the ``k`` nearest other points of each point (k-d tree).
+
+    With fewer than ``k + 1`` points the missing neighbours point at the point itself and
+    are marked invalid.
+    """
+    n = coords.shape[0]
+    k_found = min(k, n - 1)
+    index = np.repeat(np.arange(n)[:, None], k, axis=1)
+    valid = np.zeros((n, k), bool)
+    if k_found > 0:
+        _, found = cKDTree(coords).query(coords, k=k_found + 1)
+        found = found[:, 1:]  # drop the point itself (distance 0, first)
+        index[:, :k_found] = found
+        valid[:, :k_found] = True
+    return index, valid
+
+
+def spacing(coords: np.ndarray) -> float:
+    """Median nearest-neighbour distance: the unit of edge lengths (slide scale-free)."""
+    if coords.shape[0] < 2:
+        return 1.0
+    distance, _ = cKDTree(coords).query(coords, k=2)
+    value = float(np.median(distance[:, 1]))
+    return value if value > 0 else 1.0
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values (B, N, ...) gathered at index (B, N, k) -> (B, N, k, ...)."""
+    batch = torch.arange(values.shape[0], device=values.device)[:, None, None]
+    return values[batch, index]
+
+
+def edge_geometry(coords: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Neighbour offsets in each spot's PCA frame under the 4 sign flips, plus distance.
+
+    coords (B, N, 2), index/valid (B, N, k) -> (B, N, k, 4, 3). The frame is the
+    eigenbasis of the neighbourhood's covariance (the spot and its valid neighbours);
+    averaging later over the 4 sign-flipped frames makes the result invariant to
+    rotations and reflections, offsets make it invariant to translations.
+    """
+    b, n, k = index.shape
+    offsets = (_gather(coords, index) - coords.unsqueeze(2)) * valid.unsqueeze(-1)
+    weight = valid.to(coords.dtype)
+    count = weight.sum(-1, keepdim=True) + 1.0  # neighbours plus the spot itself (offset 0)
+    mean = offsets.sum(2) / count
+    centred = offsets - mean.unsqueeze(2)
+    cov = (centred.unsqueeze(-1) * centred.unsqueeze(-2) * weight[..., None, None]).sum(2)
+    cov = (cov + mean.unsqueeze(-1) * mean.unsqueeze(-2)) / count.unsqueeze(-1)
+    cov = cov + torch.eye(2, device=coords.device, dtype=coords.dtype) * 1e-6
+    _, vectors = torch.linalg.eigh(cov)  # ascending; columns are eigenvectors
+    canonical = torch.einsum("bnkc,bncd->bnkd", offsets, vectors.flip(-1))
+    signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]],
+                         device=coords.device, dtype=coords.dtype)
+    frames = canonical.unsqueeze(3) * signs  # (B, N, k, 4, 2)
+    distance = offsets.norm(dim=-1, keepdim=True).unsqueeze(3).expand(b, n, k, 4, 1)
+    return torch.cat([frames, distance], dim=-1)
+
+
+# ---------------------------------------------------------------------------- network
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of flow times t in [0, 1]."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = 1000.0 * t[:, None] * frequencies[None]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return nn.functional.pad(embedding, (0, dim - 2 * half))
+
+
+class SpatialAttention(nn.Module):
+    """Local attention scored by a per-head MLP of [query, key, edge, expression change]."""
+
+    def __init__(self, hidden_dim: int, n_heads: int, n_genes: int, dropout: float):
+        super().__init__()
+        if hidden_dim % n_heads:
+            raise InputError(f"hidden_dim ({hidden_dim}) must be a multiple of n_heads ({n_heads})")
+        self.n_heads, self.head_dim = n_heads, hidden_dim // n_heads
+        self.query = nn.Linear(hidden_dim, hidden_dim)
+        self.key = nn.Linear(hidden_dim, hidden_dim)
+        self.value = nn.Linear(hidden_dim, hidden_dim)
+        self.edge = nn.Linear(hidden_dim, hidden_dim)
+        d = self.head_dim
+        scale = 1.0 / math.sqrt(3 * d + n_genes)
+        # the per-head score MLP's first layer, split by input: query, key, edge, expression
+        self.score_q = nn.Parameter(torch.randn(n_heads, d, d) * scale)
+        self.score_k = nn.Parameter(torch.randn(n_heads, d, d) * scale)
+        self.score_e = nn.Parameter(torch.randn(n_heads, d, d) * scale)
+        self.score_x = nn.Parameter(torch.randn(n_heads, n_genes, d) * scale)
+        self.score_bias = nn.Parameter(torch.zeros(n_heads, d))
+        self.score_out = nn.Parameter(torch.randn(n_heads, d) / math.sqrt(d))
+        self.output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                    nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim))
+
+    def forward(self, h, x, index, valid, edges):
+        b, n, k = index.shape
+        heads, d = self.n_heads, self.head_dim
+        q = self.query(h).view(b, n, heads, d)
+        key = self.key(h).view(b, n, heads, d)
+        value = self.value(h).view(b, n, heads, d)
+        edge = self.edge(edges).view(b, n, k, heads, d)
+        q_term = torch.einsum("bnhd,hde->bnhe", q, self.score_q)
+        k_term = torch.einsum("bnhd,hde->bnhe", key, self.score_k)
+        x_term = torch.einsum("bng,hge->bnhe", x, self.score_x)  # linear: neighbour - own
+        hidden = (q_term.unsqueeze(2) + _gather(k_term, index)
+                  + torch.einsum("bnkhd,hde->bnkhe", edge, self.score_e)
+                  + _gather(x_term, index) - x_term.unsqueeze(2) + self.score_bias)
+        score = (nn.functional.gelu(hidden) * self.score_out).sum(-1)  # (B, N, k, heads)
+        score = score.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+        weight = torch.softmax(score, dim=2)
+        weight = torch.where(valid.unsqueeze(-1), weight, torch.zeros_like(weight))
+        message = _gather(value, index) + edge
+        aggregated = (weight.unsqueeze(-1) * message).sum(2).reshape(b, n, heads * d)
+        return self.output(aggregated)
+
+
+class FlowBlock(nn.Module):
+    """Spatial attention -> feed-forward residual -> fresh full-panel expression estimate."""
+
+    def __init__(self, hidden_dim, n_heads, n_genes, dropout, non_negative):
+        super().__init__()
+        self.norm_attention = nn.LayerNorm(hidden_dim)
+        self.attention = SpatialAttention(hidden_dim, n_heads, n_genes, dropout)
+        self.norm_ff = nn.LayerNorm(hidden_dim)
+        self.feed_forward = nn.Sequential(nn.Linear(hidden_dim, 2 * hidden_dim), nn.GELU(),
+                                          nn.Dropout(dropout), nn.Linear(2 * hidden_dim, hidden_dim))
+        self.norm_gene = nn.LayerNorm(hidden_dim)
+        self.gene_head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                       nn.Linear(hidden_dim, n_genes))
+        self.dropout = nn.Dropout(dropout)
+        self.non_negative = non_negative
+
+    def forward(self, h, x, index, valid, edges):
+        h = h + self.dropout(self.attention(self.norm_attention(h), x, index, valid, edges))
+        h = h + self.dropout(self.feed_forward(self.norm_ff(h)))
+        estimate = self.gene_head(self.norm_gene(h))
+        return h, torch.relu(estimate) if self.non_negative else estimate
+
+
+class STFlowNet(nn.Module):
+    """The denoiser: predicts clean expression x1 from features, x_t, t and geometry."""
+
+    def __init__(self, n_features: int, n_genes: int, hidden_dim: int = 128, n_layers: int = 4,
+                 n_heads: int = 4, dropout: float = 0.2, non_negative: bool = True):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.feature_proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, hidden_dim))
+        self.expression_proj = nn.Linear(n_genes, hidden_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
+                                      nn.Linear(hidden_dim, hidden_dim))
+        # edge MLP in two parts: the mean over the 4 sign frames is taken between its
+        # non-linear first layer and its linear second one (the same function, 4x cheaper)
+        self.edge_in = nn.Sequential(nn.Linear(3, hidden_dim), nn.SiLU())
+        self.edge_out = nn.Linear(hidden_dim, hidden_dim)
+        self.blocks = nn.ModuleList(FlowBlock(hidden_dim, n_heads, n_genes, dropout, non_negative)
+                                    for _ in range(n_layers))
+
+    def forward(self, features, x_t, t, index, valid, geometry):
+        """features (B, N, F), x_t (B, N, G), t (B,), index/valid (B, N, k),
+        geometry (B, N, k, 4, 3) from :func:`edge_geometry` -> x1 estimate (B, N, G)."""
+        edges = self.edge_out(self.edge_in(geometry).mean(3))  # averaged over the sign frames
+        h = (self.feature_proj(features) + self.expression_proj(x_t)
+             + self.time_mlp(time_embedding(t, self.hidden_dim)).unsqueeze(1))
+        x = x_t
+        estimates = []
+        for block in self.blocks:
+            h, x = block(h, x, index, valid, edges)
+            estimates.append(x)
+        return torch.stack(estimates).mean(0)
+
+
+# ---------------------------------------------------------------------------- priors
+
+def sample_prior(kind: str, shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Prior draws x0 on ``device`` (the model's), in log1p-count space.
+
+    ``zinb``: zero-inflated negative binomial (total_count 1, logits 0.1, zero-inflation
+    logit 0), then log1p; ``gaussian``: standard normal; ``zero``: zeros.
+    """
+    if kind == "zero":
+        return torch.zeros(shape, device=device)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=device)
+    # NB(total_count=1, p) is geometric: floor(log U / log p) successes before one failure
+    p = torch.sigmoid(torch.tensor(0.1))
+    u = torch.rand(shape, generator=generator, device=device).clamp_min(1e-12)
+    counts = torch.floor(torch.log(u) / torch.log(p).to(device))
+    keep = torch.rand(shape, generator=generator, device=device) >= 0.5  # gate: sigmoid(0)
+    return torch.log1p(counts * keep)
+
+
+# ---------------------------------------------------------------------------- data
+
+@dataclass
+class _Slide:
+    """One slide's arrays, coordinates in units of its spot spacing."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    expression: np.ndarray | None
+    tree: cKDTree
+
+
+def _batch(items, k: int, device) -> dict[str, torch.Tensor]:
+    """Pad items (features, coords, expression) into one batch with per-item neighbours."""
+    size = max(item[0].shape[0] for item in items)
+    n_features = items[0][0].shape[1]
+    b = len(items)
+    features = np.zeros((b, size, n_features), np.float32)
+    coords = np.zeros((b, size, 2), np.float32)
+    index = np.zeros((b, size, k), np.int64)
+    valid = np.zeros((b, size, k), bool)
+    mask = np.zeros((b, size), bool)
+    expression = None
+    if items[0][2] is not None:
+        expression = np.zeros((b, size, items[0][2].shape[1]), np.float32)
+    for i, (f, c, e) in enumerate(items):
+        n = f.shape[0]
+        features[i, :n], coords[i, :n], mask[i, :n] = f, c, True
+        index[i, :n], valid[i, :n] = neighbors(c, k)
+        index[i, n:] = np.arange(n, size)[:, None]
+        if expression is not None:
+            expression[i, :n] = e
+    batch = {name: torch.from_numpy(value).to(device) for name, value in
+             (("features", features), ("coords", coords), ("index", index), ("valid", valid),
+              ("mask", mask))}
+    batch["geometry"] = edge_geometry(batch["coords"], batch["index"], batch["valid"])
+    if expression is not None:
+        batch["expression"] = torch.from_numpy(expression).to(device)
+    return batch
+
+
+def _scale(features: np.ndarray) -> np.ndarray:
+    """Per-column standard deviation, 1 where a column is constant."""
+    std = features.std(0)
+    return np.where(std > 1e-8, std, 1.0).astype(np.float32)
+
+
+def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None = None) -> np.ndarray:
+    value = np.asarray(value.toarray() if hasattr(value, "toarray") else value)
+    if value.ndim != 2 or value.dtype.kind not in "fiub":
+        raise InputError(f"{name} must be a numeric 2-D array, got shape {value.shape} "
+                         f"and dtype {value.dtype}")
+    if n_rows is not None and value.shape[0] != n_rows:
+        raise InputError(f"{name} has {value.shape[0]} rows, expected {n_rows} (one per spot)")
+    if n_cols is not None and value.shape[1] != n_cols:
+        raise InputError(f"{name} has {value.shape[1]} columns, expected {n_cols}")
+    if not np.isfinite(value).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return value.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- estimator
+
+class _FlushDenormals:
+    """Flush subnormal floats to zero while training or sampling: the softmax over
+    sharply scored neighbours makes subnormals that slow CPU arithmetic tenfold."""
+
+    def __enter__(self):
+        self.supported = torch.set_flush_denormal(True)
+
+    def __exit__(self, *exc):
+        if self.supported:
+            torch.set_flush_denormal(False)
+
+
+class STFlow(BaseEstimator):
+    """STFlow expression predictor (a scikit-learn estimator: ``get_params``,
+    ``set_params`` and ``sklearn.base.clone`` work).
+
+    Parameters
+    ----------
+    hidden_dim, n_layers, n_heads : network size (about 1M parameters at 128/4/4 with
+        1024-wide features).
+    n_neighbors : int, default 8
+        Spatial neighbours per spot (same slide, self excluded).
+    dropout : float, default 0.2
+    prior : {"zinb", "gaussian", "zero"}, default "zinb"
+    feature_norm : {"slide", "global"}, default "slide"
+        Standardise image features within each slide (removes stain and scanner shifts
+        between slides; the query slide uses its own statistics) or with the training
+        spots' statistics.
+    non_negative : bool, default True
+        ReLU on the expression estimates (log1p counts are non-negative).
+    n_sample_steps : int, default 5
+        Points of the Euler time grid from 0.01 to 1 at inference.
+    n_samples : int, default 8
+        Prior draws averaged at inference (each an independent Euler integration).
+    epochs, learning_rate, weight_decay, batch_size : int, float, float, int
+        Training schedule (AdamW, gradient norm clipped at 1), default 60, 2.5e-4, 1e-4, 4.
+        The defaults of ``epochs``, ``learning_rate``, ``chunks_per_slide`` and
+        ``n_samples`` were chosen by leave-one-section-out on HER2ST C2-C4
+        (benchmarks/bench_stflow.py --select).
+    chunks_per_slide : int, default 16
+        Training items drawn per slide and epoch: a random centre spot and its nearest
+        U(0, 1) x N spots (at least 2).
+    whole_slide_max_spots : int, default 0
+        Slides with at most this many spots are trained on whole (one item per epoch)
+        instead of in chunks.
+    random_state : int, default 0
+        Seeds initialisation, chunks, flow times, priors and dropout.
+    device : str or None
+        Torch device; None is "cpu". The prior sampler follows it.
+    verbose : bool, default False
+
+    Attributes
+    ----------
+    model_ : the fitted :class:`STFlowNet`; n_features_in_, n_genes_; gene_names_ (or
+    None); feature_mean_, feature_scale_ : training standardisation of the features
+    (None with ``feature_norm="slide"``);
+    loss_curve_ : mean training loss per epoch; metadata_ : dict saved with the model
+    (encoder, tile spec, ... as the caller records them).
+    """
+
+    def __init__(self, hidden_dim=128, n_layers=4, n_heads=4, n_neighbors=8, dropout=0.2,
+                 prior="zinb", feature_norm="slide", non_negative=True, n_sample_steps=5,
+                 n_samples=8, epochs=60, learning_rate=2.5e-4, weight_decay=1e-4, batch_size=4,
+                 chunks_per_slide=16, whole_slide_max_spots=0, random_state=0, device=None,
+                 verbose=False):
+        self.hidden_dim = hidden_dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_neighbors = n_neighbors
+        self.dropout = dropout
+        self.prior = prior
+        self.feature_norm = feature_norm
+        self.non_negative = non_negative
+        self.n_sample_steps = n_sample_steps
+        self.n_samples = n_samples
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.chunks_per_slide = chunks_per_slide
+        self.whole_slide_max_spots = whole_slide_max_spots
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ checks
+    def _check_params(self) -> None:
+        for name in ("hidden_dim", "n_layers", "n_heads", "n_neighbors", "n_sample_steps",
+                     "n_samples", "batch_size", "chunks_per_slide"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) \
+                or self.epochs < 0:
+            raise InputError(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        if self.n_sample_steps < 2:
+            raise InputError("n_sample_steps must be at least 2 (the grid runs from 0.01 to 1)")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
+        if self.prior not in PRIORS:
+            raise InputError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate!r}")
+
+    def _torch_device(self) -> torch.device:
+        return torch.device(self.device or "cpu")
+
+    def _slides(self, features, coords, slide_ids, expression=None) -> list[_Slide]:
+        """Validated, standardised per-slide arrays (spots grouped by ``slide_ids``)."""
+        features = _check_array("features", features)
+        n = features.shape[0]
+        if n == 0:
+            raise InputError("no spots given")
+        coords = _check_array("coords", coords, n, 2)
+        if expression is not None:
+            expression = _check_array("expression", expression, n)
+        ids = np.zeros(n, np.int64) if slide_ids is None else np.asarray(slide_ids)
+        if ids.shape != (n,):
+            raise InputError(f"slide_ids must have one entry per spot ({n}), got shape {ids.shape}")
+        if self.feature_norm == "global":
+            features = (features - self.feature_mean_) / self.feature_scale_
+        slides = []
+        for slide in dict.fromkeys(ids.tolist()):
+            rows = np.flatnonzero(ids == slide)
+            slide_features = features[rows]
+            if self.feature_norm == "slide":
+                slide_features = (slide_features - slide_features.mean(0)) / _scale(slide_features)
+            xy = coords[rows].astype(np.float64)
+            if np.unique(xy, axis=0).shape[0] != xy.shape[0]:
+                raise InputError(f"slide {slide!r} has spots with duplicate coordinates")
+            xy = (xy - xy.mean(0)) / spacing(xy)
+            slides.append(_Slide(slide_features, xy.astype(np.float32),
+                                 None if expression is None else expression[rows], cKDTree(xy)))
+        return slides
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, features, coords, expression, slide_ids=None, *, gene_names=None,
+            metadata: dict | None = None) -> "STFlow":
+        """Train on spots of one or more slides.
+
+        features (N, F) from a frozen encoder; coords (N, 2) pixel positions; expression
+        (N, G) log1p counts of the gene panel; slide_ids (N,) which slide each spot is on
+        (neighbours never cross slides). Inputs are not modified.
+        """
+        self._check_params()
+        features = _check_array("features", features)
+        expression = _check_array("expression", expression, features.shape[0])
+        if (expression < 0).any() and self.non_negative:
+            raise InputError("expression has negative values: pass log1p counts, or set "
+                             "non_negative=False")
+        if gene_names is not None and len(gene_names) != expression.shape[1]:
+            raise InputError(f"{len(gene_names)} gene names for {expression.shape[1]} genes")
+        self.feature_mean_, self.feature_scale_ = None, None
+        if self.feature_norm == "global":
+            self.feature_mean_, self.feature_scale_ = features.mean(0), _scale(features)
+        slides = self._slides(features, coords, slide_ids, expression)
+        device = self._torch_device()
+        self.n_features_in_, self.n_genes_ = features.shape[1], expression.shape[1]
+        self.gene_names_ = None if gene_names is None else [str(g) for g in gene_names]
+        self.metadata_ = dict(metadata or {})
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _FlushDenormals():
+            torch.manual_seed(self.random_state)
+            self.model_ = STFlowNet(self.n_features_in_, self.n_genes_, self.hidden_dim,
+                                    self.n_layers, self.n_heads, self.dropout,
+                                    self.non_negative).to(device)
+            self.loss_curve_ = self._train(slides, device)
+        self.model_.eval()
+        return self
+
+    def _items(self, slides: list[_Slide], rng: np.random.Generator) -> list[tuple]:
+        items = []
+        for slide in slides:
+            n = slide.features.shape[0]
+            if n <= self.whole_slide_max_spots:
+                items.append((slide.features, slide.coords, slide.expression))
+                continue
+            for _ in range(self.chunks_per_slide):
+                centre = int(rng.integers(n))
+                size = min(n, max(2, int(math.ceil(rng.uniform() * n))))
+                _, rows = slide.tree.query(slide.coords[centre], k=size)
+                rows = np.sort(np.atleast_1d(rows))
+                items.append((slide.features[rows], slide.coords[rows], slide.expression[rows]))
+        order = rng.permutation(len(items))
+        return [items[i] for i in order]
+
+    def _train(self, slides, device) -> list[float]:
+        rng = np.random.default_rng(self.random_state)
+        generator = torch.Generator(device=device).manual_seed(self.random_state)
+        optimiser = torch.optim.AdamW(self.model_.parameters(), lr=self.learning_rate,
+                                      weight_decay=self.weight_decay)
+        curve = []
+        self.model_.train()
+        for epoch in range(self.epochs):
+            items = self._items(slides, rng)
+            total, weight = 0.0, 0
+            for start in range(0, len(items), self.batch_size):
+                batch = _batch(items[start:start + self.batch_size], self.n_neighbors, device)
+                x1 = batch["expression"]
+                t = torch.rand(x1.shape[0], generator=generator, device=device)
+                x0 = sample_prior(self.prior, x1.shape, generator, device)
+                x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+                estimate = self.model_(batch["features"], x_t, t, batch["index"], batch["valid"],
+                                       batch["geometry"])
+                mask = batch["mask"].unsqueeze(-1).to(x1.dtype)
+                loss = (((estimate - x1) ** 2) * mask).sum() / (mask.sum() * x1.shape[-1])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model_.parameters(), 1.0)
+                optimiser.step()
+                total += float(loss.detach()) * int(batch["mask"].sum())
+                weight += int(batch["mask"].sum())
+            curve.append(total / max(weight, 1))
+            if self.verbose and (epoch % 10 == 0 or epoch == self.epochs - 1):
+                print(f"[stflow] epoch {epoch + 1}/{self.epochs}: loss {curve[-1]:.4f}", flush=True)
+        return curve
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("this STFlow instance is not fitted; call fit() or STFlow.load()")
+
+    def predict(self, features, coords, slide_ids=None) -> np.ndarray:
+        """Expression (N, G) of every spot or tile, each slide sampled whole."""
+        self._check_fitted()
+        self._check_params()
+        features = _check_array("features", features, None, self.n_features_in_)
+        slides = self._slides(features, coords, slide_ids)
+        ids = np.zeros(features.shape[0], np.int64) if slide_ids is None else np.asarray(slide_ids)
+        out = np.empty((features.shape[0], self.n_genes_), np.float32)
+        device = next(self.model_.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.random_state + 1)
+        self.model_.eval()
+        with _FlushDenormals():
+            for slide, key in zip(slides, dict.fromkeys(ids.tolist())):
+                batch = _batch([(slide.features, slide.coords, None)], self.n_neighbors, device)
+                draws = [self._sample(batch, generator, device) for _ in range(self.n_samples)]
+                out[ids == key] = torch.stack(draws).mean(0)[0].cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def _sample(self, batch, generator, device) -> torch.Tensor:
+        shape = (1, batch["features"].shape[1], self.n_genes_)
+        x = sample_prior(self.prior, shape, generator, device)
+        grid = torch.linspace(0.01, 1.0, self.n_sample_steps, device=device)
+        estimate = x
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            estimate = self.model_(batch["features"], x, t.reshape(1), batch["index"],
+                                   batch["valid"], batch["geometry"])
+            x = x + (t_next - t) * (estimate - x) / (1 - t)
+        return estimate
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Write parameters, weights and fitted attributes (torch format, loads with
+        ``weights_only=True``: no pickled code)."""
+        self._check_fitted()
+        torch.save({
+            "format": FORMAT,
+            "params": {k: v for k, v in self.get_params().items() if k != "device"},
+            "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            "n_features_in": int(self.n_features_in_), "n_genes": int(self.n_genes_),
+            "feature_mean": None if self.feature_mean_ is None else torch.from_numpy(self.feature_mean_),
+            "feature_scale": None if self.feature_scale_ is None else torch.from_numpy(self.feature_scale_),
+            "gene_names": self.gene_names_, "loss_curve": list(self.loss_curve_),
+            "metadata": self.metadata_,
+        }, path)
+
+    @classmethod
+    def load(cls, path, device=None) -> "STFlow":
+        """A fitted STFlow from :meth:`save`, on ``device`` (default CPU)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure means "not a saved model"
+            raise InputError(f"{path} is not a saved STFlow model ({error})") from error
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise InputError(f"{path} is not a saved STFlow model (format {FORMAT})")
+        model = cls(**state["params"], device=device)
+        model.n_features_in_, model.n_genes_ = state["n_features_in"], state["n_genes"]
+        model.feature_mean_, model.feature_scale_ = (
+            None if state[name] is None else state[name].numpy()
+            for name in ("feature_mean", "feature_scale"))
+        model.gene_names_ = state["gene_names"]
+        model.loss_curve_ = state["loss_curve"]
+        model.metadata_ = state["metadata"]
+        model.model_ = STFlowNet(model.n_features_in_, model.n_genes_, model.hidden_dim,
+                                 model.n_layers, model.n_heads, model.dropout, model.non_negative)
+        model.model_.load_state_dict(state["state_dict"])
+        model.model_.to(model._torch_device()).eval()
+        return model
+
+
+__all__ = ["STFlow", "STFlowNet", "sample_prior", "neighbors", "edge_geometry", "PRIORS"]

@@ -1,0 +1,221 @@
+"""The GPU worker pool and the H&E -> expression -> cell types pipeline on a real cluster.
+
+A SpecCluster of two Nanny workers, one declaring the resource GPU=1 (no CUDA here, so
+it computes on CPU), runs every histology task; the tests check where they land.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata as sd
+from conftest import digest
+from spatialdata.models import Image2DModel
+
+from dflashdeconv.engine.cluster import gpu_workers
+from dflashdeconv.errors import InputError
+from dflashdeconv.histo import pool
+from dflashdeconv.histo.predict import cell_type_maps, predict_expression, train_expression_model
+from dflashdeconv.histo.slide import TileSpec, add_spots, slide_image, spots_table, tile_grid
+from dflashdeconv.histo.stflow import STFlow
+from dflashdeconv.histo.synthetic import synthetic_slide
+
+TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=20, chunks_per_slide=8,
+            learning_rate=3e-3, dropout=0.1, random_state=0)
+SPEC = dict(tile_size=32, tile_mpp=2.0)
+
+
+@pytest.fixture(scope="module")
+def gpu_pool():
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    workers = {"cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+               "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    cluster = SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                          workers=workers)
+    client = Client(cluster)
+    client.wait_for_workers(2)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def make_sdata(seed: int, with_spots: bool = True):
+    slide = synthetic_slide(1600, spot_spacing=100, seed=seed)
+    image = Image2DModel.parse(np.moveaxis(slide.image, -1, 0), dims=("c", "y", "x"),
+                               c_coords=["r", "g", "b"], scale_factors=[2], chunks=(3, 512, 512))
+    sdata = sd.SpatialData(images={"he": image})
+    sdata.attrs["dflashdeconv"] = {"images": {"he": {"mpp": slide.mpp}}}
+    if with_spots:
+        add_spots(sdata, slide.spots)
+    return sdata, slide.spots
+
+
+@pytest.fixture(scope="module")
+def training():
+    return [make_sdata(seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def trained(training, gpu_pool, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    model = train_expression_model([s for s, _ in training], genes=20, encoder="morphology",
+                                   tile_spec=TileSpec(32, 2.0), model=STFlow(**TINY),
+                                   scheduler=gpu_pool, cache=cache)
+    return model, cache
+
+
+def test_histology_tasks_land_on_the_gpu_worker(gpu_pool, training, tmp_path):
+    gpu = gpu_workers(gpu_pool)
+    assert len(gpu) == 1 and len(gpu_pool.scheduler_info()["workers"]) == 2
+    sdata, spots = training[0]
+    slide = slide_image(sdata)
+    centres = spots_table(sdata).centres
+    features, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0),
+                                         tiles_per_task=16, cache=tmp_path)
+    assert len(records) == -(-len(centres) // 16)
+    assert {r.worker for r in records} == set(gpu) and {r.device for r in records} == {"cpu"}
+    # the features are those of tiles read in this process, in the caller's order
+    from dflashdeconv.histo.encoders import get_encoder
+
+    local = get_encoder().embed(slide.read_tiles(centres, TileSpec(32, 2.0)))
+    np.testing.assert_allclose(features, local, rtol=1e-5, atol=1e-6)
+    # cached: the second call runs no task
+    again, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0), cache=tmp_path)
+    assert records == [] and np.array_equal(again, features)
+
+
+def test_without_gpu_workers_the_same_tasks_run_on_cpu_workers(training, tmp_path):
+    from distributed import Client, LocalCluster
+
+    sdata, _ = training[0]
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert gpu_workers(client) == []
+        _, records = pool.embed_tiles(client, slide_image(sdata), spots_table(sdata).centres[:8],
+                                      TileSpec(32, 2.0), cache=tmp_path)
+    assert [r.device for r in records] == ["cpu"] and records[0].worker.startswith("tcp://")
+
+
+def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):
+    model, cache = trained
+    query, _ = make_sdata(3, with_spots=False)
+    result = predict_expression(query, model=model, scheduler=gpu_pool, cache=cache, **SPEC)
+    grid = tile_grid(slide_image(query), TileSpec(32, 2.0))
+    assert result.shape == (len(grid), 20) and result.var_names.tolist() == model.gene_names_
+    np.testing.assert_array_equal(result.obsm["spatial"], grid)
+    uns = result.uns["stflow"]
+    assert uns["workers"] == gpu_workers(gpu_pool) and uns["devices"] == ["cpu"]
+    assert uns["tile_spec"] == {"size": 32, "mpp": 2.0} and uns["encoder"] == "morphology"
+    assert query.tables["stflow"] is result and len(query.shapes["stflow_tiles"]) == len(grid)
+    assert np.isfinite(result.X).all() and (result.X >= 0).all()
+    result.write_h5ad(cache / "prediction.h5ad")  # the metadata serialises
+
+
+def test_training_and_prediction_at_spots_track_the_truth(trained, gpu_pool, training):
+    model, cache = trained
+    before = [digest(spots.X) for _, spots in training]
+    query, truth = make_sdata(4)
+    result = predict_expression(query, model=model, locations="spots", scheduler=gpu_pool,
+                                cache=cache, **SPEC)
+    assert query.tables["stflow"].uns["spatialdata_attrs"]["region"] == "spots"
+    observed = np.log1p(truth[:, result.var_names].X)
+    r = [np.corrcoef(result.X[:, g], observed[:, g])[0, 1] for g in range(result.n_vars)]
+    assert np.mean(r) > 0.25
+    training_mean = np.log1p(ad.concat([s for _, s in training])[:, result.var_names].X).mean(0)
+    assert np.mean((result.X - observed) ** 2) < 0.9 * np.mean((training_mean - observed) ** 2)
+    assert model.loss_curve_[-1] < model.loss_curve_[0]
+    assert [digest(spots.X) for _, spots in training] == before
+
+
+def test_train_and_predict_in_one_call(training, gpu_pool, tmp_path):
+    query, _ = make_sdata(5, with_spots=False)
+    result = predict_expression(query, [s for s, _ in training], genes=12,
+                                stflow=STFlow(**{**TINY, "epochs": 2}), scheduler=gpu_pool,
+                                cache=tmp_path, key_added="he_expression", **SPEC)
+    assert result.n_vars == 12 and "training" in result.uns["he_expression"]["timings"]
+    assert "he_expression" in query.tables
+
+
+def test_cell_type_maps_from_he_only(trained, gpu_pool, training):
+    model, cache = trained
+    query, _ = make_sdata(6, with_spots=False)
+    result = predict_expression(query, model=model, scheduler=gpu_pool, cache=cache, **SPEC)
+    # a "single-cell" reference: training spots labelled by cellularity
+    spots = ad.concat([s for _, s in training])
+    label = pd.cut(spots.obs["cellularity"], [-1, 0.35, 0.65, 2], labels=["sparse", "mid", "dense"])
+    reference = ad.AnnData(spots.X, obs=pd.DataFrame({"cell_type": label.astype(str).to_numpy()}),
+                           var=pd.DataFrame(index=spots.var_names))
+    proportions = cell_type_maps(result, reference, n_hvg=20)
+    assert proportions.shape == (result.n_obs, 3)
+    np.testing.assert_allclose(proportions.sum(1), 1.0, atol=1e-6)
+    assert result.obsm["cell_types"] is proportions
+    dense_share = proportions["dense"].to_numpy()
+    haematoxylin = result.X.mean(1)  # denser tissue -> more expression of the dense genes
+    assert np.isfinite(dense_share).all() and dense_share.std() > 0.01 and haematoxylin.std() > 0
+    renamed = reference.copy()
+    renamed.var_names = [f"OTHER{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(InputError, match="panel genes"):
+        cell_type_maps(result, renamed)
+
+
+def test_bad_input_is_rejected_before_work(trained, gpu_pool, training):
+    model, cache = trained
+    query, _ = make_sdata(3, with_spots=False)
+    with pytest.raises(InputError, match="SpatialData"):
+        predict_expression(np.zeros((10, 10, 3)), model=model, scheduler=gpu_pool)
+    with pytest.raises(InputError, match="either training slides or a fitted model"):
+        predict_expression(query, scheduler=gpu_pool)
+    with pytest.raises(InputError, match="locations"):
+        predict_expression(query, model=model, locations="everywhere", scheduler=gpu_pool)
+    with pytest.raises(InputError, match="query tiles must share"):
+        predict_expression(query, model=model, tile_size=64, tile_mpp=2.0, scheduler=gpu_pool)
+    with pytest.raises(InputError, match="no table annotating spot shapes"):
+        train_expression_model([query], scheduler=gpu_pool)
+    with pytest.raises(InputError, match="not measured on every training slide"):
+        train_expression_model([s for s, _ in training], genes=["GENE1", "NOPE"],
+                               scheduler=gpu_pool)
+
+
+def test_command_line_predicts_from_files(gpu_pool, tmp_path):
+    import argparse
+
+    from PIL import Image
+
+    from dflashdeconv.histo import command
+
+    paths = []
+    for seed in (1, 2):
+        slide = synthetic_slide(1600, spot_spacing=100, seed=seed)
+        Image.fromarray(slide.image).save(tmp_path / f"slide{seed}.png")
+        slide.spots.write_h5ad(tmp_path / f"spots{seed}.h5ad")
+        paths += [str(tmp_path / f"slide{seed}.png"), str(tmp_path / f"spots{seed}.h5ad")]
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args([
+        "predict-expression", paths[2], "--train", paths[0], paths[1], "--slide-mpp", "1.0",
+        "--out", str(tmp_path / "out.h5ad"), "--save-model", str(tmp_path / "model.pt"),
+        "--genes", "GENE1,GENE2,GENE3", "--tile-size", "32", "--tile-mpp", "2.0",
+        "--epochs", "1", "--scheduler", gpu_pool.scheduler.address, "--cache", str(tmp_path)])
+    assert args.run(args) == 0
+    result = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert result.var_names.tolist() == ["GENE1", "GENE2", "GENE3"] and result.n_obs > 100
+    assert STFlow.load(tmp_path / "model.pt").gene_names_ == ["GENE1", "GENE2", "GENE3"]
+    args = parser.parse_args(["predict-expression", paths[2], "--model", str(tmp_path / "x.pt"),
+                              "--out", str(tmp_path / "o.h5ad"), "--reference",
+                              str(tmp_path / "absent.h5ad")])
+    with pytest.raises(InputError, match="not found"):
+        args.run(args)
+
+
+def test_predicting_twice_at_spots_ignores_earlier_predictions(trained, gpu_pool):
+    model, cache = trained
+    query, _ = make_sdata(4)
+    first = predict_expression(query, model=model, locations="spots", scheduler=gpu_pool,
+                               cache=cache, **SPEC)
+    second = predict_expression(query, model=model, locations="spots", scheduler=gpu_pool,
+                                cache=cache, key_added="again", **SPEC)
+    np.testing.assert_array_equal(first.X, second.X)
+    assert spots_table(query).table.n_vars == 60  # the measured counts, not a prediction

@@ -1,0 +1,163 @@
+"""STFlow on small synthetic slides (CPU, a tiny model, a few epochs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import digest
+
+from dflashdeconv.errors import InputError, NotFittedError
+from dflashdeconv.histo.stflow import STFlow, _batch, neighbors, sample_prior
+
+TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=25, chunks_per_slide=4,
+            batch_size=4, learning_rate=3e-3, dropout=0.1)
+
+
+def make_slide(seed: int, n_spots: int = 60, n_features: int = 12, n_genes: int = 10):
+    """Spots at random positions; features and log1p counts both follow a smooth field."""
+    rng = np.random.default_rng(seed)
+    coords = rng.uniform(0, 2000, (n_spots, 2))
+    field = np.sin(coords[:, 0] / 400) + np.cos(coords[:, 1] / 300)
+    loadings = np.random.default_rng(99).normal(size=(2, n_features))
+    features = np.column_stack([field, field ** 2]) @ loadings + rng.normal(0, 0.3, (n_spots, n_features))
+    effect = np.random.default_rng(98).normal(0, 0.8, n_genes)
+    counts = rng.poisson(np.exp(1.0 + effect[None, :] * field[:, None]))
+    return features.astype(np.float32), coords, np.log1p(counts).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def training():
+    slides = [make_slide(s) for s in (1, 2)]
+    features = np.vstack([s[0] for s in slides])
+    coords = np.vstack([s[1] for s in slides])
+    expression = np.vstack([s[2] for s in slides])
+    ids = np.repeat([0, 1], [len(s[0]) for s in slides])
+    return features, coords, expression, ids
+
+
+@pytest.fixture(scope="module")
+def fitted(training):
+    return STFlow(**TINY, random_state=3).fit(*training)
+
+
+def test_loss_falls_and_beats_the_mean_predictor(training, fitted):
+    assert fitted.loss_curve_[-1] < 0.5 * fitted.loss_curve_[0]
+    features, coords, expression = make_slide(7)
+    predicted = fitted.predict(features, coords)
+    mse = np.mean((predicted - expression) ** 2)
+    mean_mse = np.mean((training[2].mean(0) - expression) ** 2)
+    assert mse < 0.8 * mean_mse
+    correlation = np.mean([np.corrcoef(predicted[:, g], expression[:, g])[0, 1]
+                           for g in range(expression.shape[1])])
+    assert correlation > 0.5
+
+
+def test_invariant_to_rotation_reflection_translation_and_scale(fitted):
+    features, coords, _ = make_slide(8)
+    reference = fitted.predict(features, coords)
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    for moved in (coords @ rotation.T, coords * [-1, 1], coords + [1e4, -3e3], coords * 2.5,
+                  (coords @ rotation.T) * [1, -1] + 17):
+        np.testing.assert_allclose(fitted.predict(features, moved), reference, atol=2e-4)
+
+
+def test_padding_does_not_change_results(fitted):
+    small = make_slide(9, n_spots=20)
+    large = make_slide(10, n_spots=45)
+    net = fitted.model_
+    k = fitted.n_neighbors
+    outputs = []
+    for items in ([small], [small, large]):
+        batch = _batch([(f, c / 100, e) for f, c, e in items], k, "cpu")
+        t = torch.full((len(items),), 0.4)
+        with torch.no_grad():
+            outputs.append(net(batch["features"], batch["expression"], t, batch["index"],
+                               batch["valid"], batch["geometry"])[0, :20].numpy())
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_any_panel_size_works():
+    features, coords, expression = make_slide(11, n_genes=37)
+    model = STFlow(**{**TINY, "epochs": 2}).fit(features, coords, expression,
+                                                gene_names=[f"G{i}" for i in range(37)])
+    assert model.n_genes_ == 37 and model.gene_names_[-1] == "G36"
+    predicted = model.predict(features, coords)
+    assert predicted.shape == (60, 37) and np.isfinite(predicted).all() and (predicted >= 0).all()
+
+
+def test_deterministic_under_a_seed(training):
+    features, coords, _ = make_slide(12)
+    runs = [STFlow(**{**TINY, "epochs": 3}, random_state=seed).fit(*training).predict(features, coords)
+            for seed in (5, 5, 6)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.abs(runs[0] - runs[2]).max() > 1e-3
+
+
+def test_inputs_are_not_modified(training):
+    before = digest(*training)
+    STFlow(**{**TINY, "epochs": 1}).fit(*training)
+    assert digest(*training) == before
+
+
+def test_whole_slide_training_and_sample_averaging(training):
+    model = STFlow(**{**TINY, "epochs": 5, "whole_slide_max_spots": 1000, "n_samples": 3}).fit(*training)
+    assert len(model.loss_curve_) == 5
+    features, coords, _ = make_slide(13)
+    assert model.predict(features, coords).shape == (60, 10)
+
+
+def test_save_and_load_round_trip(fitted, tmp_path):
+    path = tmp_path / "stflow.pt"
+    fitted.save(path)
+    loaded = STFlow.load(path)
+    features, coords, _ = make_slide(14)
+    np.testing.assert_array_equal(loaded.predict(features, coords), fitted.predict(features, coords))
+    assert loaded.get_params() == {**fitted.get_params(), "device": None}
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a saved STFlow model"):
+        STFlow.load(tmp_path / "junk.pt")
+
+
+def test_neighbours_match_brute_force_and_handle_tiny_slides():
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(size=(50, 2))
+    index, valid = neighbors(coords, 8)
+    distance = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    expected = np.sort(np.argsort(distance, axis=1)[:, :8], axis=1)
+    np.testing.assert_array_equal(np.sort(index, axis=1), expected)
+    assert valid.all()
+    index, valid = neighbors(coords[:3], 8)
+    assert valid.sum(1).tolist() == [2, 2, 2]
+    assert (index[~valid] == np.repeat(np.arange(3), 6)).all()
+
+
+def test_priors_live_on_the_requested_device_in_log1p_space():
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_prior("zinb", (20000,), generator, "cpu")
+    assert draws.device.type == "cpu"
+    counts = torch.expm1(draws).round()
+    # zero-inflated (gate 0.5) geometric counts with success logit 0.1: P(0) = 0.5 + 0.5 * 0.475
+    assert abs(float((counts == 0).float().mean()) - (0.5 + 0.5 * (1 - 0.52498))) < 0.02
+    assert abs(float(counts.mean()) - 0.5 * 0.52498 / (1 - 0.52498)) < 0.05
+    assert float(sample_prior("zero", (5,), generator, "cpu").abs().sum()) == 0.0
+    gaussian = sample_prior("gaussian", (20000,), generator, "cpu")
+    assert abs(float(gaussian.std()) - 1.0) < 0.03
+
+
+def test_bad_input_is_rejected(training):
+    features, coords, expression, ids = training
+    with pytest.raises(InputError, match="NaN"):
+        STFlow(**TINY).fit(np.where(np.eye(*features.shape) > 0, np.nan, features), coords, expression)
+    with pytest.raises(InputError, match="rows"):
+        STFlow(**TINY).fit(features, coords[:-1], expression)
+    with pytest.raises(InputError, match="negative"):
+        STFlow(**TINY).fit(features, coords, expression - 5)
+    with pytest.raises(InputError, match="prior"):
+        STFlow(**TINY, prior="poisson").fit(features, coords, expression)
+    with pytest.raises(InputError, match="duplicate coordinates"):
+        STFlow(**TINY).fit(features, np.zeros_like(coords), expression)
+    with pytest.raises(NotFittedError):
+        STFlow().predict(features, coords)
