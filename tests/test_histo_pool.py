@@ -121,7 +121,8 @@ def test_training_and_prediction_at_spots_track_the_truth(trained, gpu_pool, tra
     result = predict_expression(query, model=model, locations="spots", scheduler=gpu_pool,
                                 cache=cache, **SPEC)
     assert query.tables["stflow"].uns["spatialdata_attrs"]["region"] == "spots"
-    observed = np.log1p(truth[:, result.var_names].X)
+    assert result.obs_names.tolist() == truth.obs_names.tolist()  # rows are the spots, by name
+    observed = np.log1p(truth[result.obs_names, result.var_names].X)
     r = [np.corrcoef(result.X[:, g], observed[:, g])[0, 1] for g in range(result.n_vars)]
     assert np.mean(r) > 0.25
     training_mean = np.log1p(ad.concat([s for _, s in training])[:, result.var_names].X).mean(0)

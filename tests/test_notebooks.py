@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -13,8 +14,15 @@ SMALL = {"DFLASHDECONV_NOTEBOOK_SPOTS": "20000", "DFLASHDECONV_NOTEBOOK_DEPTH": 
          "DFLASHDECONV_NOTEBOOK_EPOCHS": "3"}
 
 
+def test_there_are_three_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03"]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
+    if "histology" in path.name and not (SHARED_DATA / "her2st").exists():
+        pytest.skip(f"HER2ST data not available in {SHARED_DATA}")
+    monkeypatch.setenv("DFLASHDECONV_SHARED_DATA", str(SHARED_DATA))
     for name, value in SMALL.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DFLASHDECONV_NOTEBOOK_DIR", str(tmp_path))

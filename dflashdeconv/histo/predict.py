@@ -196,9 +196,10 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
     if locations == "spots":
         spots = spots_table(sdata, image_key=image_key)
         centres, region, instance = spots.centres, spots.shapes_key, spots.instance_ids
+        names = spots.table.obs_names.to_numpy()
     else:
         centres = tile_grid(slide, spec, stride_um=stride_um, min_tissue=min_tissue)
-        region, instance = None, None
+        region, instance, names = None, None, np.array([f"tile_{i}" for i in range(len(centres))])
     timings["tiling"] = time.perf_counter() - start
 
     with connect(scheduler, quiet=not progress) as client:
@@ -231,13 +232,14 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         "devices": sorted({r.device for r in records}),
         "timings": {k: float(v) for k, v in timings.items()},
     }
-    return _write_table(sdata, predicted, centres, uns, (region, instance), key_added,
+    return _write_table(sdata, predicted, centres, names, uns, (region, instance), key_added,
                         tile_shapes=(slide, spec, image_key))
 
 
-def _write_table(sdata, predicted, centres, uns, annotates, key_added, tile_shapes):
-    """The prediction as a table; it annotates the spots (``annotates`` = (shapes key,
-    instance ids)) or, when that is (None, None), new square tile shapes."""
+def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, tile_shapes):
+    """The prediction as a table with rows ``names`` (the spots' own names, or tile names);
+    it annotates the spots (``annotates`` = (shapes key, instance ids)) or, when that is
+    (None, None), new square tile shapes."""
     import anndata as ad
     import geopandas as gpd
     import shapely
@@ -245,10 +247,9 @@ def _write_table(sdata, predicted, centres, uns, annotates, key_added, tile_shap
 
     region, instance = annotates
     n = centres.shape[0]
-    names = uns["genes"]
     adata = ad.AnnData(X=predicted.astype(np.float32),
-                       obs=pd.DataFrame(index=[f"tile_{i}" for i in range(n)]),
-                       var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+                       obs=pd.DataFrame(index=pd.Index(names, dtype=str)),
+                       var=pd.DataFrame(index=pd.Index(uns["genes"], dtype=str)))
     adata.obsm["spatial"] = centres.copy()
     adata.uns[key_added] = uns
     adata.uns[PREDICTION_MARKER] = key_added
