@@ -161,10 +161,11 @@ def convergence(adata, key: str = "flashdeconv", save=None, show: bool = False):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy(np.arange(1, changes.size + 1), changes, marker="o")
     ax.axhline(float(params["tol"]), color="grey", linestyle="--", label=f"tol {params['tol']:g}")
-    ax.set_xlabel("iteration" if "inner_sweeps" not in params else "round")
+    unit = "iteration" if "inner_sweeps" not in params else "round"
+    ax.set_xlabel(unit)
     ax.set_ylabel("max |change| / max |beta|")
     state = "converged" if params.get("converged") else "not converged"
-    ax.set_title(f"solver: {state} after {changes.size}")
+    ax.set_title(f"solver: {state} after {changes.size} {unit}{'s' if changes.size != 1 else ''}")
     ax.legend()
     return _finish(fig, save, show)
 
@@ -173,7 +174,8 @@ def expression(predicted, genes, measured=None, spatial_key: str = "spatial",
                pixel_size: float | None = None, save=None, show: bool = False):
     """Maps of predicted expression (e.g. STFlow's tiles x genes AnnData) per gene, beside
     the measured expression when ``measured`` (an AnnData with the same genes) is given.
-    Each gene shares one colour scale between the two rows."""
+    Each gene shares one colour scale between the two rows; coordinates are slide pixels,
+    so the maps are drawn the way up the H&E image is."""
     import matplotlib.pyplot as plt
 
     genes = [genes] if isinstance(genes, str) else list(genes)
@@ -193,10 +195,13 @@ def expression(predicted, genes, measured=None, spatial_key: str = "spatial",
         top = max(np.nanmax(m[0]) for m in maps) or 1.0
         for row, ((label, _), (image, extent)) in enumerate(zip(sources, maps)):
             ax = axes[row, col]
-            ax.imshow(image, origin="lower", extent=extent, vmin=0, vmax=top, cmap="viridis",
-                      interpolation="nearest")
+            shown = ax.imshow(image, origin="lower", extent=extent, vmin=0, vmax=top,
+                              cmap="viridis", interpolation="nearest")
+            ax.invert_yaxis()  # slide pixels: y grows downwards, as in the H&E image
             ax.set_title(f"{gene} ({label})", fontsize=10)
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
+        fig.colorbar(shown, ax=axes[:, col].tolist(), orientation="horizontal", shrink=0.8,
+                     pad=0.04, label="log1p expression")
     return _finish(fig, save, show)
