@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from _measure import run_measured
 from _refenv import ensure_reference_env
-from parity import save_inputs
+from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
 from dflashdeconv.io import load_reference

@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 from _measure import run_measured
 from _refenv import ensure_reference_env
-from parity import save_inputs
+from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
 from dflashdeconv.engine.results import read_results

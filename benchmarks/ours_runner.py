@@ -9,17 +9,14 @@ import sys
 import time
 
 import numpy as np
-from scipy import sparse
+from _inputs import load_inputs
 
 from dflashdeconv import FlashDeconv
 
 
 def main():
     inputs, config, output = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    d = np.load(inputs)
-    Y = sparse.csr_matrix((d["Y_data"], d["Y_indices"], d["Y_indptr"]), shape=tuple(d["Y_shape"]))
-    X, coords = d["X"], d["coords"]
-    del d
+    Y, X, coords = load_inputs(inputs)
     # compile/load the numba kernels on a tiny problem first (cached on disk after one run)
     FlashDeconv().fit(Y[:300], X, coords[:300])
     start = time.perf_counter()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _inputs import save_inputs
 from _refenv import run_reference
 from scipy import sparse
 
@@ -57,17 +58,6 @@ def synthetic_inputs():
 
 
 FIXTURES = {"starmap": (starmap_inputs, 800.0), "synthetic": (synthetic_inputs, 1.5)}
-
-
-def save_inputs(path: Path, Y, X, coords) -> None:
-    np.savez_compressed(path, Y_data=Y.data, Y_indices=Y.indices, Y_indptr=Y.indptr,
-                        Y_shape=np.array(Y.shape), X=X, coords=coords)
-
-
-def load_inputs(path: Path):
-    d = np.load(path)
-    Y = sparse.csr_matrix((d["Y_data"], d["Y_indices"], d["Y_indptr"]), shape=tuple(d["Y_shape"]))
-    return Y, d["X"], d["coords"]
 
 
 def main():

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 from flashdeconv import FlashDeconv
-from scipy import sparse
+from _inputs import load_inputs
 
 
 def _time_phases():
@@ -47,10 +47,7 @@ def _time_phases():
 
 def main():
     inputs, configs, output = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    d = np.load(inputs)
-    Y = sparse.csr_matrix((d["Y_data"], d["Y_indices"], d["Y_indptr"]), shape=tuple(d["Y_shape"]))
-    X, coords = d["X"], d["coords"]
-    del d
+    Y, X, coords = load_inputs(inputs)
     results, report = {}, []
     phases = {}
     if "--measure" in sys.argv:
