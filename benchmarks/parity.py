@@ -83,7 +83,7 @@ def main():
             label = f"{config['preprocess']}/{config['gene_weighting']}/{config['spatial_method']}"
             ours = {}
             iterations = {}
-            for j, tol in enumerate((TIGHT, DEFAULT)):
+            for tol in (TIGHT, DEFAULT):
                 model = FlashDeconv(**dict(config, tol=tol, max_iter=MAX_ITER)).fit(Y, X, coords)
                 ours[tol] = model.proportions_
                 iterations[tol] = model.info_["n_iterations"]

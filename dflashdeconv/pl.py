@@ -188,7 +188,7 @@ def expression(predicted, genes, measured=None, spatial_key: str = "spatial",
                              figsize=(3.2 * len(genes), 3.0 * len(sources)))
     for col, gene in enumerate(genes):
         maps = []
-        for label, data in sources:
+        for _, data in sources:
             values = data[:, gene].X
             values = np.asarray(values.toarray() if hasattr(values, "toarray") else values).ravel()
             maps.append(raster(np.asarray(data.obsm[spatial_key]), values, pixel_size))

@@ -181,7 +181,7 @@ def test_job_commands_exist_in_the_cli():
 
     parser = build_parser()
     for _, doc in MANIFESTS:
-        for role, spec in pod_specs(doc):
+        for _, spec in pod_specs(doc):
             for container in spec["containers"]:
                 if "args" in container:  # the image's entry point is `dflashdeconv`
                     args = parser.parse_args(container["args"])

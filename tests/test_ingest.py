@@ -63,8 +63,23 @@ def test_spatialdata_table_with_circle_shapes(spots, tmp_path):
     sdata = sd.SpatialData(shapes={"spots": circles}, tables={"table": TableModel.parse(
         table, region="spots", region_key="region", instance_key="instance_id")})
     sdata.write(tmp_path / "sdata.zarr")
-    store = ingest.from_spatialdata(sd.read_zarr(tmp_path / "sdata.zarr"), tmp_path / "s.zarr")
+    read = sd.read_zarr(tmp_path / "sdata.zarr")
+    store = ingest.from_spatialdata(read, tmp_path / "s.zarr")
     _same_spots(store, table.X, xy[::-1], table.obs_names)
+    assert "spatial" not in read.tables["table"].obsm  # the input is not modified
+
+    # one table over two shapes elements, each row locating its spot in its own element
+    half = len(xy) // 2
+    two = ad.AnnData(spots.X.copy(), obs=pd.DataFrame(
+        {"region": pd.Categorical(["left"] * half + ["right"] * (len(xy) - half)),
+         "instance_id": np.r_[np.arange(half), np.arange(len(xy) - half)]},
+        index=spots.obs_names), var=spots.var.copy())
+    elements = {name: ShapesModel.parse(gpd.GeoDataFrame(
+        {"radius": np.full(len(part), 27.5)}, geometry=[Point(x, y) for x, y in part],
+        index=pd.RangeIndex(len(part)))) for name, part in (("left", xy[:half]), ("right", xy[half:]))}
+    both = sd.SpatialData(shapes=elements, tables={"table": TableModel.parse(
+        two, region=["left", "right"], region_key="region", instance_key="instance_id")})
+    _same_spots(ingest.from_spatialdata(both, tmp_path / "two.zarr"), spots.X, xy, spots.obs_names)
     with pytest.raises(InputError, match="no table 'other'"):
         ingest.from_spatialdata(sdata, tmp_path / "t.zarr", table="other")
 

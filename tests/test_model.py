@@ -3,7 +3,6 @@ import warnings
 import numpy as np
 import pytest
 from conftest import digest
-from scipy import sparse
 
 from dflashdeconv import FlashDeconv
 from dflashdeconv.errors import DataWarning, InputError, NotFittedError

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom (with small sizes) in a fresh kernel."""
 
-import os
 from pathlib import Path
 
 import pytest

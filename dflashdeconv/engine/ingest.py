@@ -157,29 +157,41 @@ def from_spatialdata(sdata, path, *, table: str | None = None, **kwargs) -> Spot
     if table not in sdata.tables:
         raise InputError(f"no table {table!r} in the SpatialData object ({tables})")
     adata = sdata.tables[table]
-    if kwargs.get("spatial_key", "spatial") not in adata.obsm:
-        adata = adata.copy() if adata.isbacked else adata
-        adata.obsm["spatial"] = _annotated_centroids(sdata, adata, table)
+    spatial_key = kwargs.get("spatial_key", "spatial")
+    if spatial_key not in adata.obsm:
+        import anndata as ad
+
+        # a new AnnData over the same arrays: the caller's table is not touched
+        adata = adata.to_memory() if adata.isbacked else adata
+        adata = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, layers=dict(adata.layers),
+                           obsm={spatial_key: _annotated_centroids(sdata, adata, table)})
     return from_anndata(adata, path, source=f"SpatialData table {table!r}", **kwargs)
 
 
 def _annotated_centroids(sdata, adata, table: str) -> np.ndarray:
+    """Centroid of the shape each row annotates, row for row (a table may annotate several
+    shapes elements; each row names its own through the region key)."""
     attrs = adata.uns.get("spatialdata_attrs", {})
-    region, region_key, instance_key = (attrs.get("region"), attrs.get("region_key"),
-                                        attrs.get("instance_key"))
-    region = region[0] if isinstance(region, (list, tuple, np.ndarray)) else region
-    if region is None or region not in sdata.shapes:
+    region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
+    if region_key not in adata.obs or instance_key not in adata.obs:
         raise InputError(f"table {table!r}: no obsm['spatial'] and no annotated shapes to take "
                          "coordinates from")
-    shapes = sdata.shapes[region]
-    centroid = shapes.geometry.centroid
-    lookup = pd.DataFrame({"x": centroid.x.to_numpy(), "y": centroid.y.to_numpy()},
-                          index=shapes.index)
+    row_regions = adata.obs[region_key].astype(str).to_numpy()
     ids = adata.obs[instance_key].to_numpy()
-    missing = ~pd.Index(ids).isin(lookup.index)
-    if missing.any():
-        raise InputError(f"table {table!r}: {missing.sum()} rows annotate no shape of {region!r}")
-    return lookup.loc[ids, ["x", "y"]].to_numpy()
+    coords = np.empty((adata.n_obs, 2), dtype=np.float64)
+    for region in np.unique(row_regions):
+        if region not in sdata.shapes:
+            raise InputError(f"table {table!r}: rows annotate {region!r}, which is not a shapes "
+                             f"element (shapes: {list(sdata.shapes)})")
+        rows = row_regions == region
+        shapes = sdata.shapes[region]
+        position = shapes.index.get_indexer(ids[rows])
+        if (position < 0).any():
+            raise InputError(f"table {table!r}: {(position < 0).sum()} rows annotate no shape "
+                             f"of {region!r}")
+        centroid = shapes.geometry.centroid
+        coords[rows] = np.column_stack([centroid.x.to_numpy(), centroid.y.to_numpy()])[position]
+    return coords
 
 
 # --------------------------------------------------------------------------- Visium HD

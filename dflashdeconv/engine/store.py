@@ -224,11 +224,6 @@ class SpotStore:
             raise InputError(f"{where} has an inconsistent indptr (corrupt chunk)")
         return indptr - lo, indices, data
 
-    def block_matrix(self, block: int) -> sparse.csr_matrix:
-        indptr, indices, data = self.read_block(block)
-        start, stop = self.block_rows(block)
-        return sparse.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
-
     def coords(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return np.asarray(self.root()["obsm"]["spatial"][start:stop], dtype=np.float64)
 
