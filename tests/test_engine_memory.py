@@ -50,6 +50,8 @@ def test_store_larger_than_worker_memory(tmp_path):
         watcher.join()
         assert client.run(os.getpid) == pids  # no worker was restarted
     assert summary["converged"]
+    print(f"X uncompressed {counts_bytes / 2**20:.0f} MiB; worker limit {LIMIT / 2**20:.0f} MiB; "
+          f"worker peaks {[f'{p / 2**20:.0f} MiB' for p in peak.values()]}")
     assert max(peak.values()) < LIMIT, {a: f"{p / 2**20:.0f} MiB" for a, p in peak.items()}
     estimate = read_results(store.path).to_numpy()
     truth = np.asarray(store.root()["obsm"]["proportions"][...])
