@@ -161,6 +161,8 @@ def _ingest(args) -> int:
                                         **common)
     elif kind == "gem":
         store = ingest.from_gem(args.input, args.store, bin_size=args.bin_size, **common)
+    elif kind == "gef":
+        store = ingest.from_gef(args.input, args.store, bin_size=args.bin_size, **common)
     else:
         store = ingest.from_visium_hd(args.input, args.store, **common)
     _print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
@@ -178,6 +180,8 @@ def _guess_format(path: str) -> str:
         return "h5ad"
     if path.endswith((".gem", ".gem.gz", ".txt.gz", ".tsv.gz")):
         return "gem"
+    if path.endswith(".gef"):
+        return "gef"
     if (p / "filtered_feature_bc_matrix.h5").exists():
         return "visium-hd"
     if (p / "zarr.json").exists() or (p / ".zgroup").exists():
@@ -320,14 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=_deconvolve)
 
-    p = commands.add_parser("ingest", help="convert h5ad / SpatialData / GEM / Visium HD to a spot store",
+    p = commands.add_parser("ingest", help="convert h5ad / SpatialData / GEM / GEF / Visium HD to a spot store",
                             description="Stream INPUT into a spot store (AnnData zarr, rows in "
                                         "spatial order), never holding the whole matrix.")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--format", default="auto",
-                   choices=("auto", "h5ad", "spatialdata", "gem", "visium-hd"))
-    p.add_argument("--bin-size", type=int, default=50, help="GEM bin size in DNB (default 50)")
+                   choices=("auto", "h5ad", "spatialdata", "gem", "gef", "visium-hd"))
+    p.add_argument("--bin-size", type=int, default=50,
+                   help="GEM/GEF bin size in DNB (default 50)")
     p.add_argument("--table", help="SpatialData table name")
     p.add_argument("--spatial-key", default="spatial")
     p.add_argument("--layer")

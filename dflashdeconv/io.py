@@ -160,8 +160,8 @@ def to_store(source, path, **kwargs):
     """Convert ``source`` to a spot store at ``path`` (a local path or fsspec URL), streaming.
 
     ``source``: an AnnData (in memory or backed), a SpatialData object, or the path of an
-    ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``, ``bin_size=`` 50 by default)
-    or a Visium HD binned output folder. Keyword arguments go to the converter
+    ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``) or square-bin GEF file
+    (``.gef``; both with ``bin_size=`` 50 by default) or a Visium HD binned output folder. Keyword arguments go to the converter
     (:mod:`dflashdeconv.engine.ingest`). Returns the opened store.
     """
     from pathlib import Path
@@ -174,9 +174,11 @@ def to_store(source, path, **kwargs):
             return ingest.from_h5ad(text, path, **kwargs)
         if text.endswith((".gem", ".gem.gz")):
             return ingest.from_gem(text, path, **kwargs)
+        if text.endswith(".gef"):
+            return ingest.from_gef(text, path, **kwargs)
         if (Path(text) / "filtered_feature_bc_matrix.h5").exists():
             return ingest.from_visium_hd(text, path, **kwargs)
-        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz] or a Visium HD "
+        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef or a Visium HD "
                          "binned folder)")
     if hasattr(source, "tables") and hasattr(source, "shapes"):
         return ingest.from_spatialdata(source, path, **kwargs)

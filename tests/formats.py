@@ -1,4 +1,4 @@
-"""Writers of real vendor file layouts for the converter tests (10x HDF5 + parquet, GEM)."""
+"""Writers of real vendor file layouts for the converter tests (10x HDF5 + parquet, GEM, GEF)."""
 
 from __future__ import annotations
 
@@ -53,16 +53,13 @@ def write_visium_hd(folder: Path, counts: sparse.csr_matrix, gene_ids, gene_name
     return folder
 
 
-def write_gem(path: Path, counts: sparse.csr_matrix, gene_names, grid_xy, bin_size: int,
-              seed: int = 0, count_column: str = "MIDCount") -> Path:
-    """A gzipped GEMv0.1 file whose DNB-level rows bin (at ``bin_size``) to ``counts``.
-
-    Each non-zero (spot, gene) count is split over up to three random DNBs inside the
-    spot's bin, so binning must sum rows to recover it.
-    """
+def dnb_records(counts: sparse.csr_matrix, grid_xy, bin_size: int, seed: int = 0):
+    """DNB-level (gene index, x, y, count) rows that bin (at ``bin_size``) to ``counts``:
+    each non-zero (spot, gene) count is split over up to three random DNBs inside the
+    spot's bin, so binning must sum rows to recover it."""
     rng = np.random.default_rng(seed)
     coo = sparse.coo_matrix(counts)
-    lines = []
+    records = []
     for spot, gene, value in zip(coo.row, coo.col, coo.data.astype(np.int64)):
         parts = rng.multinomial(value, [0.5, 0.3, 0.2]) if value > 2 else [value]
         for part in parts:
@@ -70,7 +67,15 @@ def write_gem(path: Path, counts: sparse.csr_matrix, gene_names, grid_xy, bin_si
                 continue
             x = int(grid_xy[spot, 0]) * bin_size + int(rng.integers(bin_size))
             y = int(grid_xy[spot, 1]) * bin_size + int(rng.integers(bin_size))
-            lines.append(f"{gene_names[gene]}\t{x}\t{y}\t{part}")
+            records.append((int(gene), x, y, int(part)))
+    return records, rng
+
+
+def write_gem(path: Path, counts: sparse.csr_matrix, gene_names, grid_xy, bin_size: int,
+              seed: int = 0, count_column: str = "MIDCount") -> Path:
+    """A gzipped GEMv0.1 file of :func:`dnb_records` rows, in random order."""
+    records, rng = dnb_records(counts, grid_xy, bin_size, seed)
+    lines = [f"{gene_names[g]}\t{x}\t{y}\t{c}" for g, x, y, c in records]
     order = rng.permutation(len(lines))
     header = ["#FileFormat=GEMv0.1", "#SortedBy=None", "#BinType=Bin", "#BinSize=1",
               "#Omics=Transcriptomics", "#Stereo-seqChip=SS200000135TL_D1", "#OffsetX=0",
@@ -78,4 +83,39 @@ def write_gem(path: Path, counts: sparse.csr_matrix, gene_names, grid_xy, bin_si
     with gzip.open(path, "wt") as f:
         f.write("\n".join(header) + "\n")
         f.write("\n".join(lines[i] for i in order) + "\n")
+    return Path(path)
+
+
+def write_gef(path: Path, counts: sparse.csr_matrix, gene_ids, grid_xy, bin_size: int,
+              seed: int = 0, gene_names=None) -> Path:
+    """A square-bin GEF (HDF5) with a ``/geneExp/bin1`` group holding the same DNB rows as
+    :func:`write_gem` (same seed): expression (x, y, count) contiguous per gene, gene table
+    (geneID, geneName, offset, count) as in GEF version 4, or (gene, offset, count) as in
+    version 3 when ``gene_names`` is None."""
+    import h5py
+
+    records, _ = dnb_records(counts, grid_xy, bin_size, seed)
+    records = sorted(records, key=lambda r: r[0])
+    expression = np.array([(x, y, c) for _, x, y, c in records],
+                          dtype=[("x", np.int32), ("y", np.int32), ("count", np.uint16)])
+    per_gene = np.bincount([r[0] for r in records], minlength=len(gene_ids)).astype(np.uint32)
+    offset = (np.cumsum(per_gene) - per_gene).astype(np.uint32)
+    if gene_names is None:
+        genes = np.array(list(zip(np.asarray(gene_ids, dtype="S64"), offset, per_gene)),
+                         dtype=[("gene", "S64"), ("offset", np.uint32), ("count", np.uint32)])
+    else:
+        genes = np.array(list(zip(np.asarray(gene_ids, dtype="S64"),
+                                  np.asarray(gene_names, dtype="S64"), offset, per_gene)),
+                         dtype=[("geneID", "S64"), ("geneName", "S64"), ("offset", np.uint32),
+                                ("count", np.uint32)])
+    with h5py.File(path, "w") as f:
+        f.attrs["version"] = np.uint32(3 if gene_names is None else 4)
+        f.attrs["geftool_ver"] = np.array([0, 7, 5], dtype=np.uint32)
+        group = f.create_group("geneExp/bin1")
+        data = group.create_dataset("expression", data=expression, chunks=True)
+        for name, value in (("minX", expression["x"].min()), ("minY", expression["y"].min()),
+                            ("maxX", expression["x"].max()), ("maxY", expression["y"].max()),
+                            ("maxExp", expression["count"].max()), ("resolution", 500)):
+            data.attrs[name] = np.uint32(value)
+        group.create_dataset("gene", data=genes)
     return Path(path)

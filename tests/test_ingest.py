@@ -4,7 +4,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from formats import write_gem, write_visium_hd
+from formats import write_gef, write_gem, write_visium_hd
 from scipy import sparse
 
 from dflashdeconv.datasets import SyntheticTissue
@@ -128,6 +128,68 @@ def test_gem_binning_recovers_the_spots(spots, tmp_path, bin_size):
     assert (stored.X != spots.X[rows]).nnz == 0
     expected = [str((int(x) << 32) | int(y)) for x, y in corner[rows]]
     assert stored.obs_names.tolist() == expected
+
+
+def test_gef_gives_the_store_of_the_same_gem(spots, tmp_path):
+    grid = spots.obsm["spatial"].astype(int)
+    gem = write_gem(tmp_path / "chip.gem.gz", spots.X, TISSUE.gene_names, grid, 50)
+    gef = write_gef(tmp_path / "chip.gef", spots.X, TISSUE.gene_names, grid, 50)
+    from_gem = ad.read_zarr(ingest.from_gem(gem, tmp_path / "gem.zarr", n_buckets=8).path)
+    # small slices: expression rows of one gene are split over several reads
+    from_gef = ad.read_zarr(ingest.from_gef(gef, tmp_path / "gef.zarr", read_rows=997,
+                                            n_buckets=8).path)
+    assert from_gef.obs_names.tolist() == from_gem.obs_names.tolist()
+    assert from_gef.var_names.tolist() == from_gem.var_names.tolist()
+    np.testing.assert_array_equal(from_gef.obsm["spatial"], from_gem.obsm["spatial"])
+    assert (from_gef.X != from_gem.X).nnz == 0 and from_gef.X.sum() == spots.X.sum()
+    from dflashdeconv import cli, io
+
+    assert io.to_store(gef, tmp_path / "io.zarr", bin_size=50).nnz == from_gef.X.nnz
+    assert cli.main(["ingest", str(gef), str(tmp_path / "cli.zarr"), "--quiet"]) == 0
+    assert ad.read_zarr(tmp_path / "cli.zarr").n_obs == from_gef.n_obs
+
+
+def test_gef_version_4_gene_names_made_unique(spots, tmp_path):
+    grid = spots.obsm["spatial"].astype(int)
+    symbols = np.array([f"SYM{g // 2}" for g in range(len(TISSUE.gene_names))])  # pairs repeat
+    gef = write_gef(tmp_path / "v4.gef", spots.X, TISSUE.gene_names, grid, 25, gene_names=symbols)
+    by_id = ad.read_zarr(ingest.from_gef(gef, tmp_path / "id.zarr", bin_size=25).path)
+    assert sorted(by_id.var_names) == sorted(TISSUE.gene_names)
+    by_name = ad.read_zarr(ingest.from_gef(gef, tmp_path / "name.zarr", bin_size=25,
+                                           gene_names=True).path)
+    assert {"SYM0", "SYM0-1"} <= set(by_name.var_names) and by_name.n_vars == by_id.n_vars
+    column = {name: i for i, name in enumerate(by_name.var_names)}
+    expected = spots.X[:, 1].toarray().sum()  # the second gene is the repeat of SYM0
+    assert by_name.X[:, column["SYM0-1"]].sum() == expected
+
+
+def test_gef_bad_files_are_named(spots, tmp_path):
+    import h5py
+
+    grid = spots.obsm["spatial"].astype(int)
+    not_hdf5 = tmp_path / "text.gef"
+    not_hdf5.write_text("geneID\tx\ty\tMIDCount\n")
+    with pytest.raises(InputError, match="cannot be read as a GEF"):
+        ingest.from_gef(not_hdf5, tmp_path / "a.zarr")
+    cells = tmp_path / "cells.gef"
+    with h5py.File(cells, "w") as f:
+        f.create_group("cellBin")
+    with pytest.raises(InputError, match="cell-bin GEF"):
+        ingest.from_gef(cells, tmp_path / "b.zarr")
+    gef = write_gef(tmp_path / "chip.gef", spots.X, TISSUE.gene_names, grid, 50)
+    with pytest.raises(InputError, match="positive integer"):
+        ingest.from_gef(gef, tmp_path / "c.zarr", bin_size=0)
+    with h5py.File(gef, "a") as f:
+        f.move("geneExp/bin1", "geneExp/bin2")
+    with pytest.raises(InputError, match=r"no bin group divides bin_size 25 \(groups: \['bin2'\]\)"):
+        ingest.from_gef(gef, tmp_path / "d.zarr", bin_size=25)
+    with h5py.File(gef, "a") as f:
+        genes = f["geneExp/bin2/gene"][...]
+        genes["offset"][3] += 1
+        f["geneExp/bin2/gene"][...] = genes
+    with pytest.raises(InputError, match="offsets and counts do not tile"):
+        ingest.from_gef(gef, tmp_path / "e.zarr", bin_size=50)
+    assert not any((tmp_path / f"{n}.zarr").exists() for n in "abcde")
 
 
 def _gem_lines(tmp_path, body, header="geneID\tx\ty\tMIDCount"):
