@@ -13,21 +13,15 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 from ..errors import DFlashDeconvError
+from .store import local_path
 
 LOCK_NAME = ".dflashdeconv.lock"
 
 
 class StoreLockedError(DFlashDeconvError):
     """Another run holds the store's lock."""
-
-
-def _local(path: str) -> Path | None:
-    if "://" in path and not path.startswith("file://"):
-        return None
-    return Path(path.removeprefix("file://"))
 
 
 def _alive(owner: dict) -> bool:
@@ -59,7 +53,7 @@ class StoreLock:
             f"it to finish, or remove {self.path}/{LOCK_NAME} if that run is gone")
 
     def acquire(self) -> "StoreLock":
-        local = _local(self.path)
+        local = local_path(self.path)
         payload = json.dumps(self.owner).encode()
         if local is not None:
             file = local / LOCK_NAME
@@ -95,7 +89,7 @@ class StoreLock:
     def release(self) -> None:
         if not self._held:
             return
-        local = _local(self.path)
+        local = local_path(self.path)
         if local is not None:
             (local / LOCK_NAME).unlink(missing_ok=True)
         else:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .store import SpotStore, _ALL_CHUNKS, fast_codec, open_zarr
+from .store import SpotStore, _ALL_CHUNKS, fast_codec, local_path, open_zarr
 
 INPUT_KEYS = {"spatial", "input_row", "_index"}
 
@@ -153,15 +152,9 @@ def write_block_results(store: SpotStore, run_path: str, block: int, beta: np.nd
     return int(zero.sum())
 
 
-def _local_dir(store_path: str) -> Path | None:
-    if "://" in store_path and not store_path.startswith("file://"):
-        return None
-    return Path(store_path.removeprefix("file://"))
-
-
 def _move(store: SpotStore, source: str, target: str) -> None:
     """Move a zarr node inside the store: a rename on disk, else a copy then delete."""
-    local = _local_dir(store.path)
+    local = local_path(store.path)
     if local is not None:
         if (local / target).exists():
             shutil.rmtree(local / target)

@@ -108,16 +108,23 @@ def choose_chunk_rows(nnz_per_row: float, target_nnz: int = TARGET_BLOCK_NNZ) ->
 
 
 # --------------------------------------------------------------------------- opening stores
-def open_zarr(path, mode: str = "r"):
-    """A zarr group for a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``)."""
+def local_path(path) -> Path | None:
+    """The local path of ``path`` (a plain path or a ``file://`` URL); None for other URLs."""
     path = str(path)
     if "://" in path and not path.startswith("file://"):
+        return None
+    return Path(path.removeprefix("file://"))
+
+
+def open_zarr(path, mode: str = "r"):
+    """A zarr group for a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``)."""
+    local = local_path(path)
+    if local is None:
         from zarr.storage import FsspecStore
 
-        store = FsspecStore.from_url(path, read_only=(mode == "r"))
+        store = FsspecStore.from_url(str(path), read_only=(mode == "r"))
         return zarr.open_group(store, mode=mode, zarr_format=3 if mode == "w" else None)
-    return zarr.open_group(path.removeprefix("file://"), mode=mode,
-                           zarr_format=3 if mode == "w" else None)
+    return zarr.open_group(str(local), mode=mode, zarr_format=3 if mode == "w" else None)
 
 
 def missing_chunks(array) -> list[int]:
@@ -253,7 +260,8 @@ class StoreWriter:
 
         ad.settings.zarr_write_format = 3
         path = str(path)
-        if "://" not in path and Path(path).exists():
+        local = local_path(path)
+        if local is not None and local.exists():
             raise InputError(f"{path} already exists; refusing to overwrite a store")
         n = len(obs_names)
         if coords.shape[0] != n or len(input_rows) != n:
@@ -345,7 +353,7 @@ def default_scratch(path) -> str:
     """A scratch folder beside a local output store (same file system), else the tmp dir."""
     import tempfile
 
-    path = str(path)
-    if "://" in path:
+    local = local_path(path)
+    if local is None:
         return tempfile.gettempdir()
-    return str(Path(os.path.abspath(path)).parent)
+    return str(Path(os.path.abspath(local)).parent)
