@@ -161,8 +161,9 @@ def to_store(source, path, **kwargs):
 
     ``source``: an AnnData (in memory or backed), a SpatialData object, or the path of an
     ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``) or square-bin GEF file
-    (``.gef``; both with ``bin_size=`` 50 by default) or a Visium HD binned output folder. Keyword arguments go to the converter
-    (:mod:`dflashdeconv.engine.ingest`). Returns the opened store.
+    (``.gef``; both with ``bin_size=`` 50 by default) or a Visium HD binned output folder.
+    Keyword arguments go to the converter (:mod:`dflashdeconv.engine.ingest`). Returns the
+    opened store.
     """
     from pathlib import Path
 
@@ -178,8 +179,8 @@ def to_store(source, path, **kwargs):
             return ingest.from_gef(text, path, **kwargs)
         if (Path(text) / "filtered_feature_bc_matrix.h5").exists():
             return ingest.from_visium_hd(text, path, **kwargs)
-        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef or a Visium HD "
-                         "binned folder)")
+        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef or a "
+                         "Visium HD binned folder)")
     if hasattr(source, "tables") and hasattr(source, "shapes"):
         return ingest.from_spatialdata(source, path, **kwargs)
     return ingest.from_anndata(source, path, **kwargs)
