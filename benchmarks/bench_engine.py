@@ -106,9 +106,10 @@ def main():
 
     print("1M spots at ~390 UMI/spot", flush=True)
     shallow, shallow_ref = ensure_store(args.data_dir, 1_000_000, 390)
+    shallow_truth = truth_of(shallow)
     engine_390 = measured([runner, "engine", shallow.path, shallow_ref, *engine_args])
     rows.append(("engine, 1M @ 390", engine_390, read_results(shallow.path).to_numpy(),
-                 truth_of(shallow)))
+                 shallow_truth))
     ref_390 = None
     if not args.skip_reference:
         ref_python = ensure_reference_env()
@@ -133,7 +134,7 @@ def main():
                        "wall": run["seconds"]}
             P_ref = np.empty((shallow.n_spots, 15))
             P_ref[order] = np.load(Path(tmp) / "ref.npz")["proportions_0"]
-        rows.append(("flashdeconv 0.2.0, 1M @ 390", ref_390, P_ref, truth_of(shallow)))
+        rows.append(("flashdeconv 0.2.0, 1M @ 390", ref_390, P_ref, shallow_truth))
 
     print()
     print(f"{'run':30} {'time s':>8} {'wall s':>8} {'peak GB':>8} {'iters':>6} {'pearson':>8} "

@@ -27,28 +27,6 @@ def _is_store(path: str) -> bool:
     return not str(path).endswith(".h5ad")
 
 
-def _read_anndata(path: str):
-    """An AnnData from a local or fsspec URL (``s3://``, ``gs://``) .h5ad or .zarr."""
-    import anndata as ad
-
-    from .errors import InputError
-
-    remote = "://" in path and not path.startswith("file://")
-    if not remote and not Path(path).exists():
-        raise InputError(f"{path} not found")
-    try:
-        if not path.endswith(".h5ad"):
-            return ad.read_zarr(path)
-        if not remote:
-            return ad.read_h5ad(path)
-        import fsspec
-
-        with fsspec.open(path, "rb") as handle:
-            return ad.read_h5ad(handle)
-    except Exception as error:  # anndata raises many types for unreadable files
-        raise InputError(f"{path} cannot be read as AnnData: {error}") from error
-
-
 def _model_params(args) -> dict:
     lam = args.lambda_spatial if args.lambda_spatial == "auto" else float(args.lambda_spatial)
     return dict(preprocess=args.preprocess, gene_weighting=args.gene_weighting,
@@ -70,8 +48,9 @@ def _print_summary(lines: list[tuple[str, str]]) -> None:
 
 def _deconvolve(args) -> int:
     from . import tl
+    from .io import read_anndata
 
-    reference = _read_anndata(args.reference)
+    reference = read_anndata(args.reference)
     params = _model_params(args)
     start = time.perf_counter()
     if _is_store(args.spatial):
@@ -94,7 +73,7 @@ def _deconvolve(args) -> int:
             from .errors import InputError
 
             raise InputError("--out OUT.h5ad is needed for an .h5ad input (the input is not modified)")
-        adata = _read_anndata(args.spatial)
+        adata = read_anndata(args.spatial)
         with _status(f"deconvolving {adata.n_obs:,} spots in memory", args.quiet):
             tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=args.key,
                           layer_st=args.layer, layer_ref=args.layer_ref,
@@ -220,7 +199,7 @@ def _synth(args) -> int:
 
 
 def _info(args) -> int:
-    from .engine.store import LAYOUT_KEY, SpotStore
+    from .engine.store import SpotStore
 
     store = SpotStore.open(args.store)
     root = store.root()
@@ -229,7 +208,7 @@ def _info(args) -> int:
               f"({store.nnz / max(store.n_spots, 1):.0f} per spot)"),
              ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows")]
     for name in sorted(root["uns"]):
-        if name.endswith("_params") and name != LAYOUT_KEY:
+        if name.endswith("_params"):
             from anndata.io import read_elem
 
             p = read_elem(root["uns"][name])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -156,6 +157,28 @@ def result_to_anndata(proportions, adata, cell_type_names=None, key_added: str =
     return adata
 
 
+def read_anndata(path: str):
+    """An AnnData from a local or fsspec URL (``s3://``, ``gs://``) .h5ad or .zarr;
+    a missing or unreadable file raises :class:`InputError`."""
+    import anndata as ad
+
+    path = str(path)
+    remote = "://" in path and not path.startswith("file://")
+    if not remote and not Path(path).exists():
+        raise InputError(f"{path} not found")
+    try:
+        if not path.endswith(".h5ad"):
+            return ad.read_zarr(path)
+        if not remote:
+            return ad.read_h5ad(path)
+        import fsspec
+
+        with fsspec.open(path, "rb") as handle:
+            return ad.read_h5ad(handle)
+    except Exception as error:  # anndata raises many types for unreadable files
+        raise InputError(f"{path} cannot be read as AnnData: {error}") from error
+
+
 def to_store(source, path, **kwargs):
     """Convert ``source`` to a spot store at ``path`` (a local path or fsspec URL), streaming.
 
@@ -165,8 +188,6 @@ def to_store(source, path, **kwargs):
     Keyword arguments go to the converter (:mod:`dflashdeconv.engine.ingest`). Returns the
     opened store.
     """
-    from pathlib import Path
-
     from .engine import ingest
 
     if isinstance(source, (str, Path)):

@@ -111,7 +111,7 @@ CATALOGUE = {
     "non-canonical CSR": (lambda t: _valid(_non_canonical_equals_canonical(), N), None),
     "all coordinates equal": (lambda t: _valid(fit(coords=np.zeros((N, 2))), N), None),
     "single spot": (lambda t: _valid(fit(BASE_Y[:1], coords=BASE_XY[:1]), 1), None),
-    "all-zero spot matrix": (lambda t: fit(np.zeros((N, G)), preprocess="raw"), None),
+    "all-zero spot matrix": (lambda t: _valid(fit(np.zeros((N, G)), preprocess="raw"), N), None),
     "coordinates as text": (lambda t: fit(coords=BASE_XY.astype(str)), "numeric"),
     "infinite coordinate": (lambda t: fit(coords=_with(np.inf, (3, 0), BASE_XY)), "NaN or infinite"),
     "NaN reference": (lambda t: fit(X=_with(np.nan, (0, 1), BASE_X)), "reference X contains"),

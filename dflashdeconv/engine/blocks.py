@@ -54,10 +54,6 @@ class BlockGraph:
     indptr: np.ndarray
     columns: np.ndarray
 
-    @property
-    def degree(self) -> np.ndarray:
-        return np.diff(self.indptr)
-
 
 def read_points(store: SpotStore, block: int) -> BlockPoints:
     start, stop = store.block_rows(block)

@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -61,16 +60,9 @@ def _genes(text: str):
     return [g.strip() for g in text.split(",") if g.strip()]
 
 
-def _read_h5ad(path: str):
-    import anndata as ad
-
-    if not Path(path).is_file():
-        raise InputError(f"AnnData file not found: {path}")
-    return ad.read_h5ad(path)
-
-
 def run(args) -> int:
     """Run ``predict-expression``; bad input raises :class:`InputError` (exit code 2)."""
+    from ..io import read_anndata
     from ..engine.cluster import connect
     from .predict import check_reference, cell_type_maps, predict_expression, \
         train_expression_model
@@ -78,10 +70,10 @@ def run(args) -> int:
     from .stflow import STFlow
 
     genes = _genes(args.genes)
-    reference = _read_h5ad(args.reference) if args.reference else None
+    reference = read_anndata(args.reference) if args.reference else None
     if reference is not None:
         check_reference(reference, args.cell_type_key)
-    query_spots = _read_h5ad(args.query_spots) if args.query_spots else None
+    query_spots = read_anndata(args.query_spots) if args.query_spots else None
     query = open_slide(args.query, slide_mpp=args.slide_mpp, spots=query_spots, cache=args.cache)
     spec = TileSpec(args.tile_size, args.tile_mpp)
     model = STFlow.load(args.model) if args.model else None
@@ -89,7 +81,7 @@ def run(args) -> int:
     try:
         client = connection.client
         if model is None:
-            training = [open_slide(image, spots=_read_h5ad(table), cache=args.cache)
+            training = [open_slide(image, spots=read_anndata(table), cache=args.cache)
                         for image, table in args.train]
             model = train_expression_model(
                 training, genes=genes, encoder=args.encoder, encoder_weights=args.encoder_weights,

@@ -79,13 +79,11 @@ def train_task(model, features, coords, expression, slide_ids, gene_names, metad
 def predict_task(model, features, coords, slide_ids=None):
     """Sample expression with a fitted STFlow on this worker's device."""
     record = _record()
-    model.set_params(device=record.device)
-    model.model_.to(record.device)
+    model.model_.to(record.device)  # predict runs where the network's weights are
     try:
         return model.predict(features, coords, slide_ids), record
     finally:
         model.model_.to("cpu")
-        model.set_params(device=None)
 
 
 def submit(client, function, *args, **kwargs):

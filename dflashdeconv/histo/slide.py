@@ -225,7 +225,8 @@ def open_slide(source, *, slide_mpp: float | None = None, image_key: str = IMAGE
     suffix = path.suffix.lower()
     if path.is_dir():
         sdata = _read_spatialdata_store(path)
-        key = _single_image_key(sdata, None)
+        # the default key means "the store's image"; another key must name one of its images
+        key = _single_image_key(sdata, None if image_key == IMAGE_KEY else image_key)
         _set_slide_attrs(sdata, key, slide_mpp or _slide_attrs(sdata, key).get("mpp") or spots_mpp,
                          None)
     elif suffix in PIL_SUFFIXES:
@@ -243,7 +244,7 @@ def open_slide(source, *, slide_mpp: float | None = None, image_key: str = IMAGE
         raise InputError(f"unsupported slide format {path.suffix!r} ({path.name}); expected one of "
                          f"{TIFF_SUFFIXES + PIL_SUFFIXES} or a SpatialData .zarr store")
     if spots is not None:
-        add_spots(sdata, spots, image_key=image_key if not path.is_dir() else None,
+        add_spots(sdata, spots, image_key=key if path.is_dir() else image_key,
                   spot_diameter_px=spot_diameter_px, spatial_key=spatial_key)
     return sdata
 
