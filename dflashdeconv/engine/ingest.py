@@ -78,6 +78,7 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
                                      dir=scratch or default_scratch(path)) as tmp:
         tmp = Path(tmp)
         seen = 0
+        block_files: dict[int, list[Path]] = {}  # scratch files of each block, in source order
         for start, rows in chunks:
             rows = sparse.csr_matrix(rows)
             _check_rows(source, start, rows)
@@ -88,8 +89,10 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
             for b in np.unique(bucket):
                 mine = np.flatnonzero(bucket == b)
                 piece = rows[mine]
-                np.savez(tmp / f"b{b}_{start}.npz", data=piece.data, indices=piece.indices,
-                         indptr=piece.indptr, dest=dest[mine], n_genes=rows.shape[1])
+                file = tmp / f"b{b}_{start}.npz"
+                np.savez(file, data=piece.data, indices=piece.indices, indptr=piece.indptr,
+                         dest=dest[mine], n_genes=rows.shape[1])
+                block_files.setdefault(int(b), []).append(file)
             seen += rows.shape[0]
             if progress:
                 progress("reading", seen, n)
@@ -99,7 +102,7 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
                              order, chunk_rows, source)
         for b in range(-(-n // chunk_rows)):
             pieces, dest = [], []
-            for file in sorted(tmp.glob(f"b{b}_*.npz"), key=lambda f: int(f.stem.split("_")[1])):
+            for file in block_files.get(b, []):
                 with np.load(file) as d:
                     pieces.append(sparse.csr_matrix((d["data"], d["indices"], d["indptr"]),
                                                     shape=(d["dest"].size, int(d["n_genes"]))))
