@@ -128,44 +128,17 @@ def _ingest(args) -> int:
 
     progress = None if args.quiet else _line_progress()
     start = time.perf_counter()
-    kind = args.format if args.format != "auto" else _guess_format(args.input)
-    common = dict(chunk_rows=args.chunk_rows, progress=progress)
-    if kind == "h5ad":
-        store = ingest.from_h5ad(args.input, args.store, spatial_key=args.spatial_key,
-                                 layer=args.layer, **common)
-    elif kind == "spatialdata":
-        import spatialdata as sd
-
-        store = ingest.from_spatialdata(sd.read_zarr(args.input), args.store, table=args.table,
-                                        **common)
-    elif kind == "gem":
-        store = ingest.from_gem(args.input, args.store, bin_size=args.bin_size, **common)
-    elif kind == "gef":
-        store = ingest.from_gef(args.input, args.store, bin_size=args.bin_size, **common)
-    else:
-        store = ingest.from_visium_hd(args.input, args.store, **common)
+    kind = args.format if args.format != "auto" else ingest.guess_format(args.input)
+    options = {"h5ad": dict(spatial_key=args.spatial_key, layer=args.layer),
+               "spatialdata": dict(table=args.table), "gem": dict(bin_size=args.bin_size),
+               "gef": dict(bin_size=args.bin_size)}.get(kind, {})
+    store = ingest.from_path(args.input, args.store, kind, chunk_rows=args.chunk_rows,
+                             progress=progress, **options)
     _print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
                     ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,}"),
                     ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows"),
                     ("time", f"{time.perf_counter() - start:.1f} s")])
     return EXIT_OK
-
-
-def _guess_format(path: str) -> str:
-    from .errors import InputError
-
-    p = Path(path)
-    if path.endswith(".h5ad"):
-        return "h5ad"
-    if path.endswith((".gem", ".gem.gz", ".txt.gz", ".tsv.gz")):
-        return "gem"
-    if path.endswith(".gef"):
-        return "gef"
-    if (p / "filtered_feature_bc_matrix.h5").exists():
-        return "visium-hd"
-    if (p / "zarr.json").exists() or (p / ".zgroup").exists():
-        return "spatialdata"
-    raise InputError(f"cannot tell the format of {path}; pass --format")
 
 
 def _line_progress():

@@ -184,24 +184,15 @@ def to_store(source, path, **kwargs):
 
     ``source``: an AnnData (in memory or backed), a SpatialData object, or the path of an
     ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``) or square-bin GEF file
-    (``.gef``; both with ``bin_size=`` 50 by default) or a Visium HD binned output folder.
+    (``.gef``; both with ``bin_size=`` 50 by default), a Visium HD binned output folder or a
+    SpatialData ``.zarr`` store (``kind=`` names the format when it cannot be guessed).
     Keyword arguments go to the converter (:mod:`dflashdeconv.engine.ingest`). Returns the
     opened store.
     """
     from .engine import ingest
 
     if isinstance(source, (str, Path)):
-        text = str(source)
-        if text.endswith(".h5ad"):
-            return ingest.from_h5ad(text, path, **kwargs)
-        if text.endswith((".gem", ".gem.gz")):
-            return ingest.from_gem(text, path, **kwargs)
-        if text.endswith(".gef"):
-            return ingest.from_gef(text, path, **kwargs)
-        if (Path(text) / "filtered_feature_bc_matrix.h5").exists():
-            return ingest.from_visium_hd(text, path, **kwargs)
-        raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef or a "
-                         "Visium HD binned folder)")
+        return ingest.from_path(str(source), path, **kwargs)
     if hasattr(source, "tables") and hasattr(source, "shapes"):
         return ingest.from_spatialdata(source, path, **kwargs)
     return ingest.from_anndata(source, path, **kwargs)

@@ -67,6 +67,12 @@ def test_spatialdata_table_with_circle_shapes(spots, tmp_path):
     store = ingest.from_spatialdata(read, tmp_path / "s.zarr")
     _same_spots(store, table.X, xy[::-1], table.obs_names)
     assert "spatial" not in read.tables["table"].obsm  # the input is not modified
+    from dflashdeconv import io
+
+    by_path = io.to_store(tmp_path / "sdata.zarr", tmp_path / "by_path.zarr")
+    _same_spots(by_path, table.X, xy[::-1], table.obs_names)
+    with pytest.raises(InputError, match="cannot tell the format of .*kind="):
+        io.to_store(tmp_path / "counts.csv", tmp_path / "csv.zarr")
 
     # one table over two shapes elements, each row locating its spot in its own element
     half = len(xy) // 2

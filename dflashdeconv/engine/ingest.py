@@ -115,6 +115,39 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
         return writer.close()
 
 
+FORMATS = ("h5ad", "spatialdata", "gem", "gef", "visium-hd")
+
+
+def guess_format(path) -> str:
+    """The converter for a source path, one of :data:`FORMATS`, from its suffix or content."""
+    text, folder = str(path), Path(path)
+    if text.endswith(".h5ad"):
+        return "h5ad"
+    if text.endswith((".gem", ".gem.gz", ".txt.gz", ".tsv.gz")):
+        return "gem"
+    if text.endswith(".gef"):
+        return "gef"
+    if (folder / "filtered_feature_bc_matrix.h5").exists():
+        return "visium-hd"
+    if (folder / "zarr.json").exists() or (folder / ".zgroup").exists():
+        return "spatialdata"
+    raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef, a Visium HD "
+                     "binned folder or a SpatialData .zarr store): name it with --format "
+                     "(command line) or kind= (Python)")
+
+
+def from_path(source, path, kind: str | None = None, **kwargs) -> SpotStore:
+    """Spot store from a source file or folder of format ``kind`` (default: guessed)."""
+    kind = kind or guess_format(source)
+    if kind == "spatialdata":
+        import spatialdata as sd
+
+        return from_spatialdata(sd.read_zarr(source), path, **kwargs)
+    convert = {"h5ad": from_h5ad, "gem": from_gem, "gef": from_gef,
+               "visium-hd": from_visium_hd}[kind]
+    return convert(source, path, **kwargs)
+
+
 # --------------------------------------------------------------------------- AnnData / h5ad
 def _anndata_chunks(adata, layer) -> Iterator:
     matrix = adata.X if layer is None else adata.layers[layer]
