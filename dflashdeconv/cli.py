@@ -62,12 +62,14 @@ def _deconvolve(args) -> int:
         where = f"{args.spatial} (obsm/{args.key}, obs/{args.key}_dominant, uns/{args.key}_params)"
         n_spots, converged = summary["n_spots"], summary["converged"]
         iterations, types = summary["n_iterations"], summary["cell_type_names"]
-        if args.out:
-            from .engine.results import read_results
-
-            read_results(args.spatial, args.key).to_csv(args.out)
-            where += f"; proportions also in {args.out}"
         adata = None
+        if args.out or args.plot:  # results read from the store once, for both
+            from .engine.results import read_store_view
+
+            adata = read_store_view(args.spatial, args.key)
+        if args.out:
+            adata.obsm[args.key].to_csv(args.out)
+            where += f"; proportions also in {args.out}"
     else:
         if not args.out:
             from .errors import InputError
@@ -85,7 +87,7 @@ def _deconvolve(args) -> int:
         types, where = p["cell_type_names"], args.out
     elapsed = time.perf_counter() - start
     if args.plot:
-        _plot(args.spatial if adata is None else adata, args.key, args.plot)
+        _plot(adata, args.key, args.plot)
         where += f"; maps in {args.plot}"
     _print_summary([("spots", f"{n_spots:,}"), ("cell types", f"{len(types)}: {', '.join(types[:8])}"
                      + (" ..." if len(types) > 8 else "")),
@@ -107,7 +109,7 @@ def _status(message: str, quiet: bool):
     return Console(stderr=True).status(message)
 
 
-def _plot(source, key: str, folder: str) -> None:
+def _plot(adata, key: str, folder: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,12 +117,8 @@ def _plot(source, key: str, folder: str) -> None:
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, str):
-        from .engine.results import read_store_view
-
-        source = read_store_view(source, key)
-    pl.dominant(source, key=key, save=out / f"{key}_dominant.png")
-    pl.proportions(source, key=key, save=out / f"{key}_proportions.png")
+    pl.dominant(adata, key=key, save=out / f"{key}_dominant.png")
+    pl.proportions(adata, key=key, save=out / f"{key}_proportions.png")
 
 
 def _ingest(args) -> int:

@@ -48,13 +48,26 @@ def raster(coords, values, pixel_size: float | None = None, max_side: int = 1200
     return image, extent
 
 
+def _coords(adata, spatial_key: str) -> np.ndarray:
+    if spatial_key not in adata.obsm:
+        raise InputError(f"no coordinates under obsm[{spatial_key!r}]")
+    return np.asarray(adata.obsm[spatial_key])
+
+
 def _results(adata, key: str, spatial_key: str):
     if key not in adata.obsm:
         raise InputError(f"no results under obsm[{key!r}]; run dflashdeconv.tl.deconvolve first")
-    if spatial_key not in adata.obsm:
-        raise InputError(f"no coordinates under obsm[{spatial_key!r}]")
     table = adata.obsm[key]
-    return np.asarray(adata.obsm[spatial_key]), np.asarray(table), list(table.columns)
+    return _coords(adata, spatial_key), np.asarray(table), list(table.columns)
+
+
+def _chosen(names: list, cell_types, where: str) -> list:
+    """``cell_types`` (default: all ``names``), each checked to be one of ``names``."""
+    chosen = names if cell_types is None else list(cell_types)
+    missing = [t for t in chosen if t not in names]
+    if missing:
+        raise InputError(f"cell types {missing} not in {where} ({names})")
+    return chosen
 
 
 def _finish(fig, save, show):
@@ -91,10 +104,7 @@ def proportions(adata, key: str = "flashdeconv", cell_types=None, spatial_key: s
                 ncols: int = 4, pixel_size: float | None = None, save=None, show: bool = False):
     """One map per cell type of its proportion (0-1 colour scale)."""
     coords, values, names = _results(adata, key, spatial_key)
-    chosen = names if cell_types is None else list(cell_types)
-    missing = [t for t in chosen if t not in names]
-    if missing:
-        raise InputError(f"cell types {missing} not in obsm[{key!r}] ({names})")
+    chosen = _chosen(names, cell_types, f"obsm[{key!r}]")
     image, extent = raster(coords, values[:, [names.index(t) for t in chosen]], pixel_size)
     fig = _panels(image, extent, chosen, ncols, "viridis", "proportion")
     return _finish(fig, save, show)
@@ -141,10 +151,8 @@ def uncertainty(adata, key: str = "flashdeconv", cell_types=None, what: str = "c
         table = adata.obsm[needed[1]] - adata.obsm[needed[0]]
     else:
         table = adata.obsm[needed[0]].astype(float)
-    names = list(table.columns)
-    chosen = names if cell_types is None else list(cell_types)
-    image, extent = raster(np.asarray(adata.obsm[spatial_key]),
-                           table[chosen].to_numpy(), pixel_size)
+    chosen = _chosen(list(table.columns), cell_types, f"obsm[{needed[0]!r}]")
+    image, extent = raster(_coords(adata, spatial_key), table[chosen].to_numpy(), pixel_size)
     label = "95% interval width" if what == "ci_width" else "detected (share of spots)"
     fig = _panels(image, extent, chosen, ncols, "magma" if what == "ci_width" else "Greens", label)
     return _finish(fig, save, show)

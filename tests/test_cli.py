@@ -6,6 +6,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from dflashdeconv import cli
@@ -75,9 +76,15 @@ def test_ingest_info_and_deconvolve_a_store(files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "800" in done.stdout and "blocks" in done.stdout
     done = run("deconvolve", store, files / "reference.h5ad", "--out", tmp_path / "p.csv",
-               "--quiet")
+               "--plot", tmp_path / "maps", "--quiet")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "p.csv").read_text().count("\n") == 801
+    from dflashdeconv.io import read_results
+
+    csv = pd.read_csv(tmp_path / "p.csv", index_col=0)
+    np.testing.assert_allclose(csv.to_numpy(), read_results(str(store)).to_numpy(), rtol=1e-12)
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "flashdeconv_dominant.png", "flashdeconv_proportions.png"]
     info = run("info", store)
     assert "result 'flashdeconv'" in info.stdout and "converged" in info.stdout
 

@@ -119,6 +119,10 @@ def test_plots_name_what_is_missing(deconvolved):
         pl.uncertainty(deconvolved, what="width")
     with pytest.raises(InputError, match="not in obsm"):
         pl.proportions(deconvolved, cell_types=["no such type"])
+    with pytest.raises(InputError, match=r"cell types \['no such type'\] not in obsm\['flashdeconv_detected'\]"):
+        pl.uncertainty(deconvolved, what="detected", cell_types=["no such type"])
+    with pytest.raises(InputError, match=r"no coordinates under obsm\['xy'\]"):
+        pl.uncertainty(deconvolved, spatial_key="xy")
     with pytest.raises(InputError, match="convergence record"):
         pl.convergence(bare)
 
