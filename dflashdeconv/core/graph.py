@@ -21,7 +21,7 @@ def knn_indices(tree: cKDTree, points: np.ndarray, point_ids: np.ndarray, k: int
     ``tree`` indexes the candidate points whose ids are ``candidate_ids`` (tree order by
     default); ``point_ids`` are the ids of the query ``points`` (to exclude themselves).
     Queries are repeated with more candidates until every point tied with the k-th
-    distance has been seen. Returns (n_points, k) ids.
+    distance has been seen. Returns (n_points, k) positions of the neighbours in the tree.
     """
     n_candidates = tree.n
     ids = np.arange(n_candidates) if candidate_ids is None else np.asarray(candidate_ids)
@@ -31,15 +31,16 @@ def knn_indices(tree: cKDTree, points: np.ndarray, point_ids: np.ndarray, k: int
     while todo.size:
         dist, idx = tree.query(points[todo], k=m, workers=-1)
         dist = dist.reshape(todo.size, m)
-        cand = ids[np.minimum(idx.reshape(todo.size, m), n_candidates - 1)]
+        position = np.minimum(idx.reshape(todo.size, m), n_candidates - 1)
+        cand = ids[position]
         dist = np.where(cand == point_ids[todo, None], np.inf, dist)
         order = np.lexsort((cand, dist), axis=-1)
         dist = np.take_along_axis(dist, order, axis=1)
-        cand = np.take_along_axis(cand, order, axis=1)
+        position = np.take_along_axis(position, order, axis=1)
         # complete when every candidate tied with the k-th one was retrieved: the farthest
         # non-self retrieved candidate is strictly farther, or all candidates were seen
         done = (m == n_candidates) | (dist[:, m - 2] > dist[:, k - 1])
-        out[todo[done]] = cand[done, :k]
+        out[todo[done]] = position[done, :k]
         todo = todo[~done]
         m = min(2 * m, n_candidates)
     return out
@@ -69,9 +70,6 @@ def knn_graph(coords: np.ndarray, k: int = 6, tie_key: np.ndarray | None = None)
         return sparse.csr_matrix((n, n))
     key = np.arange(n) if tie_key is None else np.asarray(tie_key, np.int64)
     neighbours = knn_indices(cKDTree(coords), coords, key, k, candidate_ids=key)
-    if tie_key is not None:
-        order = np.argsort(key)
-        neighbours = order[np.searchsorted(key, neighbours, sorter=order)]
     return symmetric_adjacency(np.repeat(np.arange(n), k), neighbours.ravel(), n)
 
 

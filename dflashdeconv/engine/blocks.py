@@ -104,10 +104,8 @@ def _knn(points: BlockPoints, others: list[BlockPoints], k: int, radius: float):
     cand_rows = np.concatenate([points.rows, rows])
     if len(cand_coords) <= k:  # too few candidates even to rank: widen the halo
         return None, radius * 2
-    neighbour_keys = knn_indices(cKDTree(cand_coords), points.coords, points.keys, k,
-                                 candidate_ids=cand_keys)
-    order = np.argsort(cand_keys)
-    position = order[np.searchsorted(cand_keys, neighbour_keys, sorter=order)]
+    position = knn_indices(cKDTree(cand_coords), points.coords, points.keys, k,
+                           candidate_ids=cand_keys)
     kth = np.linalg.norm(cand_coords[position[:, -1]] - points.coords, axis=1)
     if np.any(kth > radius):
         return None, float(kth.max())
