@@ -7,7 +7,6 @@ sort), then each block is assembled in spatial order and appended to the store.
 from __future__ import annotations
 
 import gzip
-import os
 import tempfile
 from zlib import error as zlib_error
 from collections.abc import Iterator
@@ -489,7 +488,6 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
                   empty: str, source: str, **kwargs) -> SpotStore:
     """Spot store from DNB-level ``(gene names, x, y, counts)`` record batches, summed into
     ``bin_size`` bins through scratch parquet buckets along the Hilbert curve."""
-    import dask
     import dask.dataframe as dd
 
     gene_codes: dict[str, int] = {}
@@ -516,23 +514,27 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
         groups = {}
         for f in sorted(tmp.glob("b*.parquet")):
             groups.setdefault(f.name[:5], []).append(str(f))
-        frames = dd.from_map(_aggregate_bucket, list(groups.values()), remap=remap,
-                             meta=_AGGREGATED_META, enforce_metadata=False)
-        parts = frames.to_delayed()
-        bins = pd.concat([_bins_of(files) for files in groups.values()])
+        # the raw records are read once: each bucket is summed (in parallel) into one
+        # much smaller parquet part, which gives both the bins and then the rows
+        aggregated = tmp / "aggregated"
+        dd.from_map(_aggregate_bucket, list(groups.values()), remap=remap,
+                    meta=_AGGREGATED_META, enforce_metadata=False).to_parquet(
+            aggregated, write_index=False, write_metadata_file=False,
+            name_function=lambda i: f"part.{i:06d}.parquet")
+        parts = sorted(aggregated.glob("part.*.parquet"))
+        bins = pd.concat([pd.read_parquet(f, columns=["key", "bin"]).drop_duplicates("bin")
+                          for f in parts])
         bin_id = bins["bin"].to_numpy()
         bin_x, bin_y = (bin_id >> 32) * bin_size, (bin_id & 0xFFFFFFFF) * bin_size
         obs_names = ((bin_x << 32) | bin_y).astype(str)
         coords = np.column_stack([bin_x, bin_y]).astype(np.float64)
-        batch = max(1, os.cpu_count() or 1)
 
         def chunks():
             start = 0
-            for first in range(0, len(parts), batch):
-                for frame in dask.compute(*parts[first:first + batch]):
-                    rows = _bucket_rows(frame, names.size)
-                    yield start, rows
-                    start += rows.shape[0]
+            for part in parts:
+                rows = _bucket_rows(pd.read_parquet(part), names.size)
+                yield start, rows
+                start += rows.shape[0]
 
         return write_sorted(path, obs_names, names[order], coords, chunks(), source=source,
                             scratch=tmp, progress=progress, **kwargs)
@@ -541,13 +543,6 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
 _AGGREGATED_META = pd.DataFrame({"key": pd.Series(dtype=np.int64), "bin": pd.Series(dtype=np.int64),
                                  "gene": pd.Series(dtype=np.int32),
                                  "count": pd.Series(dtype=np.float32)})
-
-
-def _bins_of(files: list[str]) -> pd.DataFrame:
-    """Bins with counts in one bucket, in the order :func:`_aggregate_bucket` emits them."""
-    frame = pd.concat([pd.read_parquet(f, columns=["key", "bin", "count"]) for f in files])
-    frame = frame[frame["count"] > 0]
-    return frame.drop_duplicates("bin").sort_values(["key", "bin"])[["key", "bin"]]
 
 
 def _aggregate_bucket(files: list[str], remap: np.ndarray) -> pd.DataFrame:
