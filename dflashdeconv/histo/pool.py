@@ -9,7 +9,6 @@ coordinates go out and only features come back.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -92,27 +91,11 @@ def submit(client, function, *args, **kwargs):
 
 
 def gather(futures, description: str | None = None):
-    """Results of ``futures`` in order, with a progress bar when ``description`` is given."""
-    from distributed import as_completed
+    """Results of ``futures`` in order, with a progress bar (on stderr, like the engine's)
+    when ``description`` is given."""
+    from ..engine.progress import track
 
-    results = {}
-    progress = _progress_bar() if description else None
-    order = {future.key: i for i, future in enumerate(futures)}
-    with progress or contextlib.nullcontext():
-        task = progress.add_task(description, total=len(futures)) if progress else None
-        for future in as_completed(futures):
-            results[order[future.key]] = future.result()
-            if progress:
-                progress.advance(task)
-    return [results[i] for i in range(len(futures))]
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=False)
+    return [f.result() for f in track(futures, description or "", enabled=description is not None)]
 
 
 def _spatial_order(centres: np.ndarray, side: float) -> np.ndarray:
