@@ -47,17 +47,12 @@ def _as_spatialdata(source, slide_mpp, cache, what: str):
 
 def _count_matrix(table, genes: np.ndarray, layer: str | None, what: str) -> np.ndarray:
     """Dense (spots, genes) raw counts of ``genes``, checked finite and non-negative."""
-    matrix = table.X if layer is None else table.layers[layer] if layer in table.layers else None
-    if matrix is None:
-        raise InputError(f"{what}: no counts (.X is None or layer {layer!r} missing)")
+    from ..core.validation import as_count_matrix
+    from ..io import _matrix
+
     position = pd.Index(table.var_names.astype(str)).get_indexer(genes)
-    counts = matrix[:, position]
-    counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
-    if not np.isfinite(counts).all():
-        raise InputError(f"{what}: counts contain NaN or infinite values")
-    if (counts < 0).any():
-        raise InputError(f"{what}: counts contain negative values; raw counts expected")
-    return counts
+    counts = as_count_matrix(what, _matrix(table, layer, what)[:, position])
+    return np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
 
 
 def select_genes(tables, genes=50, within=None) -> np.ndarray:
