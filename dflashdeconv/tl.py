@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .core.model import FlashDeconv
-from .io import prepare_data, result_to_anndata
+from .io import params_record, prepare_data, result_to_anndata
 
 
 def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_dim: int = 512,
@@ -74,20 +74,11 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
     proportions = model.fit_transform(Y, X, coords, cell_type_names=types)
     result_to_anndata(proportions, adata, types, key_added=key_added)
     adata.obs[f"{key_added}_zero_signal"] = model.zero_signal_
-    adata.uns[f"{key_added}_params"] = {
-        **{name: value for name, value in model.get_params().items()
-           if name not in ("verbose", "radius")},
-        "radius": -1.0 if radius is None else float(radius),
-        "lambda_spatial": float(model.lambda_used_),
-        "lambda_spatial_requested": str(lambda_spatial),
-        "n_genes_used": int(model.gene_idx_.size),
-        "n_cell_types": int(types.size),
-        "cell_type_names": [str(t) for t in types],
-        "converged": bool(model.info_["converged"]),
-        "n_iterations": int(model.info_["n_iterations"]),
-        "changes": [float(c) for c in model.info_["changes"]],
-        "n_zero_signal": int(np.sum(model.zero_signal_)),
-    }
+    adata.uns[f"{key_added}_params"] = params_record(
+        model.get_params(), lambda_used=model.lambda_used_, types=types,
+        n_genes_used=model.gene_idx_.size, converged=model.info_["converged"],
+        n_iterations=model.info_["n_iterations"], changes=model.info_["changes"],
+        n_zero_signal=np.sum(model.zero_signal_))
     if uncertainty:
         import pandas as pd
 

@@ -24,7 +24,7 @@ from ..core.model import FlashDeconv, build_transform, fit_parameters
 from ..core.solver import auto_lambda, scaled_rho
 from ..core.validation import check_reference
 from ..errors import DataWarning
-from ..io import shared_genes
+from ..io import params_record, shared_genes
 from . import passes
 from .blocks import build_graph
 from .cluster import connect
@@ -156,25 +156,17 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
                          [run_path] * store.n_blocks, range(store.n_blocks), beta, totals,
                          pure=False)
     passes.track(written, "writing results", enabled=progress)
-    summary = {
-        **{k: v for k, v in params.items() if k not in ("verbose", "radius")},
-        "radius": -1.0 if params["radius"] is None else float(params["radius"]),
-        "lambda_spatial": float(lam),
-        "lambda_spatial_requested": str(params["lambda_spatial"]),
+    summary = params_record(
+        params, lambda_used=lam, types=types, n_genes_used=genes.size,
+        converged=solution.converged, n_iterations=solution.n_rounds, changes=solution.changes,
+        n_zero_signal=sum(client.gather(written))) | {
         "rho_used": float(rho),
-        "n_genes_used": int(genes.size),
-        "n_cell_types": int(types.size),
-        "cell_type_names": [str(t) for t in types],
         "genes_used": [str(g) for g in store.gene_names[store_cols[genes]]],
-        "converged": bool(solution.converged),
-        "n_iterations": int(solution.n_rounds),
         "inner_sweeps": int(inner_sweeps),
-        "changes": [float(c) for c in solution.changes],
         "final_objective": float(objective),
         "mean_degree": float(mean_degree),
         "n_spots": int(store.n_spots),
         "n_blocks": int(store.n_blocks),
-        "n_zero_signal": int(sum(client.gather(written))),
     }
     if radius_used is not None:
         summary["radius_used"] = float(radius_used)
