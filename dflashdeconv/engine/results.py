@@ -37,12 +37,17 @@ def _dict_group(parent, name):
     return group
 
 
-def _array(group, name, shape, dtype, chunk_rows):
-    array = group.create_array(name, shape=shape, dtype=dtype, overwrite=True,
-                               chunks=(chunk_rows, *shape[1:]), config=_ALL_CHUNKS,
-                               compressors=fast_codec())
+def _array(group, name, shape, dtype, chunks, **options):
+    """A zarr array that anndata reads as an array element (``options`` go to zarr)."""
+    array = group.create_array(name, shape=shape, dtype=dtype, overwrite=True, chunks=chunks,
+                               config=_ALL_CHUNKS, **options)
     array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     return array
+
+
+def _row_array(group, name, shape, dtype, chunk_rows):
+    """A per-spot array chunked like the store's blocks."""
+    return _array(group, name, shape, dtype, (chunk_rows, *shape[1:]), compressors=fast_codec())
 
 
 def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwrite: bool = False,
@@ -80,13 +85,9 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
     n, K, rows = store.n_spots, len(cell_types), store.chunk_rows
     run = _dict_group(root["uns"], run_name)
     for name, shape in (("H", (n, K)), ("beta", (n, K)), ("ysq", (n,)), ("selected_totals", (n,))):
-        _array(run, name, shape, np.float64, rows)
-    checkpoints = run.create_array("beta_checkpoint", shape=(2, n, K), dtype=np.float64,
-                                   chunks=(1, rows, K), config=_ALL_CHUNKS, compressors=fast_codec())
-    checkpoints.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    done = run.create_array("projected", shape=(store.n_blocks,), dtype=bool, chunks=(1,),
-                            fill_value=False, config=_ALL_CHUNKS)
-    done.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        _row_array(run, name, shape, np.float64, rows)
+    _array(run, "beta_checkpoint", (2, n, K), np.float64, (1, rows, K), compressors=fast_codec())
+    done = _array(run, "projected", (store.n_blocks,), bool, (1,), fill_value=False)
     done[...] = False
     run.attrs.update({"status": "running", "cell_types": list(names), "fingerprint": fingerprint})
     return run_path, dict(run.attrs)
@@ -110,9 +111,9 @@ def prepare_staging(store: SpotStore, key: str, run_path: str) -> None:
     frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
                         "_index": "_index", "column-order": names})
     for name in names:
-        _array(frame, name, (n,), np.float64, rows)
-    _array(staging, "dominant_codes", (n,), np.int16, rows)
-    _array(staging, "zero_signal", (n,), bool, rows)
+        _row_array(frame, name, (n,), np.float64, rows)
+    _row_array(staging, "dominant_codes", (n,), np.int16, rows)
+    _row_array(staging, "zero_signal", (n,), bool, rows)
 
 
 def record_halos(run_path: str, halos: list) -> None:
@@ -122,10 +123,7 @@ def record_halos(run_path: str, halos: list) -> None:
     indptr = np.concatenate([[0], np.cumsum([len(h) for h in halos])]).astype(np.int64)
     rows = np.concatenate(halos).astype(np.int64) if halos else np.empty(0, np.int64)
     for name, values in (("halo_indptr", indptr), ("halo_rows", rows)):
-        array = run.create_array(name, shape=values.shape, dtype=np.int64, overwrite=True,
-                                 chunks=(max(values.size, 1),), config=_ALL_CHUNKS)
-        array[...] = values
-        array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        _array(run, name, values.shape, np.int64, (max(values.size, 1),))[...] = values
 
 
 def record(run_path: str, **attrs) -> None:
