@@ -541,16 +541,23 @@ def _spot_diameter(adata, coords: np.ndarray, spot_diameter_px) -> float:
         return float(spot_diameter_px)
     if "spot_diameter_px" in adata.uns:
         return float(adata.uns["spot_diameter_px"])
+    visium = _visium_spot_diameter(adata)
+    if visium is not None:
+        return visium
+    if coords.shape[0] < 2:
+        return 1.0
+    from ..core.graph import grid_spacing
+
+    return grid_spacing(coords) / 2
+
+
+def _visium_spot_diameter(adata) -> float | None:
+    """Space Ranger's ``spot_diameter_fullres`` from ``uns['spatial']``, if recorded."""
     for library in adata.uns.get("spatial", {}).values():
         scalefactors = library.get("scalefactors", {}) if isinstance(library, dict) else {}
         if "spot_diameter_fullres" in scalefactors:
             return float(scalefactors["spot_diameter_fullres"])
-    if coords.shape[0] < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
-
-    distance, _ = cKDTree(coords).query(coords, k=2)
-    return float(np.median(distance[:, 1]) / 2)
+    return None
 
 
 def mpp_from_adata(adata) -> float | None:
@@ -560,11 +567,8 @@ def mpp_from_adata(adata) -> float | None:
         return 1.0 / float(adata.uns["px_per_um"])
     if "mpp" in adata.uns:
         return float(adata.uns["mpp"])
-    for library in adata.uns.get("spatial", {}).values():
-        scalefactors = library.get("scalefactors", {}) if isinstance(library, dict) else {}
-        if scalefactors.get("spot_diameter_fullres"):
-            return VISIUM_SPOT_UM / float(scalefactors["spot_diameter_fullres"])
-    return None
+    diameter = _visium_spot_diameter(adata)
+    return VISIUM_SPOT_UM / diameter if diameter else None
 
 
 def check_points_in_image(coords, shape: tuple[int, int], what: str = "spots") -> np.ndarray:

@@ -52,8 +52,9 @@ def spacing(coords: np.ndarray) -> float:
     """Median nearest-neighbour distance: the unit of edge lengths (slide scale-free)."""
     if coords.shape[0] < 2:
         return 1.0
-    distance, _ = cKDTree(coords).query(coords, k=2)
-    value = float(np.median(distance[:, 1]))
+    from ..core.graph import grid_spacing  # not at import: core loads numba
+
+    value = grid_spacing(coords)
     return value if value > 0 else 1.0
 
 
