@@ -199,11 +199,11 @@ def from_spatialdata(sdata, path, *, table: str | None = None, **kwargs) -> Spot
         # a new AnnData over the same arrays: the caller's table is not touched
         adata = adata.to_memory() if adata.isbacked else adata
         adata = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, layers=dict(adata.layers),
-                           obsm={spatial_key: _annotated_centroids(sdata, adata, table)})
+                           obsm={spatial_key: annotated_centroids(sdata, adata, table)})
     return from_anndata(adata, path, source=f"SpatialData table {table!r}", **kwargs)
 
 
-def _annotated_centroids(sdata, adata, table: str) -> np.ndarray:
+def annotated_centroids(sdata, adata, table: str) -> np.ndarray:
     """Centroid of the shape each row annotates, row for row (a table may annotate several
     shapes elements; each row names its own through the region key)."""
     attrs = adata.uns.get("spatialdata_attrs", {})

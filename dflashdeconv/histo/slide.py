@@ -651,17 +651,12 @@ def spots_table(sdata, *, image_key: str | None = None, shapes_key: str | None =
     attrs = table.uns["spatialdata_attrs"]
     regions = [attrs["region"]] if isinstance(attrs["region"], str) else list(attrs["region"])
     region = shapes_key if shapes_key is not None else next(r for r in regions if r in sdata.shapes)
-    shapes = sdata.shapes[region]
     rows = table.obs[attrs["region_key"]].astype(str).to_numpy() == region
     table = table[rows]
     instance = table.obs[attrs["instance_key"]].to_numpy()
-    missing = ~np.isin(instance, shapes.index.to_numpy())
-    if missing.any():
-        raise InputError(f"{missing.sum()} rows of table {table_key!r} refer to spots missing "
-                         f"from shapes {region!r}")
-    centroids = shapes.geometry.centroid
-    local = np.column_stack([centroids.x.to_numpy(), centroids.y.to_numpy()])
-    local = local[shapes.index.get_indexer(instance)]
+    from ..engine.ingest import annotated_centroids
+
+    local = annotated_centroids(sdata, table, table_key)
     key = _single_image_key(sdata, image_key) if _wsi_reader(sdata) is None or image_key else None
     centres = _to_image_pixels(sdata, region, key, local)
     shape = slide_image(sdata, key).shape
