@@ -18,8 +18,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_LOCKED = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (a batch system stopping the job): unwind, release locks, exit 143."""
+class Terminated(BaseException):
+    """SIGTERM arrived (a batch system stopping the job): unwind, release locks, exit 143.
+
+    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main thread
+    is, and libraries' ``except Exception`` blocks (distributed's task serialisation among
+    them) would otherwise swallow it or wrap it in another error.
+    """
 
 
 def _is_store(path: str) -> bool:
