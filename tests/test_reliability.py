@@ -101,15 +101,6 @@ def _cli(args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def _wait_for(predicate, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _freeze_when(process, ready, timeout=180) -> bool:
     """Stop ``process`` (SIGSTOP) the moment ``ready()`` holds, so the step it is in cannot
     finish before the signal under test arrives, however fast the machine; False if the
@@ -227,9 +218,11 @@ def test_two_cli_runs_against_one_store(source, tmp_path):
     store, reference = source
     path = _copy(store, tmp_path)
     first = _cli(["deconvolve", path, str(reference), "--quiet", "--tol", "1e-9"])
-    assert _wait_for(lambda: os.path.exists(os.path.join(path, LOCK_NAME)))
+    # held while it holds the lock, so the second run meets it however fast the first is
+    assert _freeze_when(first, lambda: os.path.exists(os.path.join(path, LOCK_NAME)))
     second = _cli(["deconvolve", path, str(reference), "--quiet", "--key", "other"])
     _, err_second = second.communicate(timeout=300)
+    first.send_signal(signal.SIGCONT)
     _, err_first = first.communicate(timeout=600)
     assert first.returncode == 0, err_first
     assert second.returncode == 4 and "in use by another run" in err_second
