@@ -50,28 +50,21 @@ def as_count_matrix(name: str, M):
     duplicate or unsorted entries (which the kernels would transform one by one) and
     other dtypes are converted into a copy first.
     """
+    if not sparse.issparse(M):
+        M = np.asarray(M)
+    if M.ndim != 2:
+        raise InputError(f"{name} must be 2-D (rows x genes), got shape {M.shape}")
+    if M.dtype.kind not in "fiub":
+        raise InputError(f"{name} must be numeric, got dtype {M.dtype}")
     if sparse.issparse(M):
-        if M.ndim != 2:
-            raise InputError(f"{name} must be 2-D, got shape {M.shape}")
-        if M.dtype.kind not in "fiub":
-            raise InputError(f"{name} must be numeric, got dtype {M.dtype}")
         if M.format != "csr":
             M = sparse.csr_matrix(M)
         elif not M.has_canonical_format:
             M = M.copy()
             M.sum_duplicates()
-        if M.dtype.type not in KERNEL_DTYPES:
-            M = M.astype(np.float32)
-        check_values(name, M.data)
-        return M
-    M = np.asarray(M)
-    if M.ndim != 2:
-        raise InputError(f"{name} must be 2-D (rows x genes), got shape {M.shape}")
-    if M.dtype.kind not in "fiub":
-        raise InputError(f"{name} must be numeric, got dtype {M.dtype}")
     if M.dtype.type not in KERNEL_DTYPES:
         M = M.astype(np.float32)
-    check_values(name, M.reshape(-1))
+    check_values(name, M.data if sparse.issparse(M) else M.reshape(-1))
     return M
 
 

@@ -77,9 +77,7 @@ def run(args) -> int:
     query = open_slide(args.query, slide_mpp=args.slide_mpp, spots=query_spots, cache=args.cache)
     spec = TileSpec(args.tile_size, args.tile_mpp)
     model = STFlow.load(args.model) if args.model else None
-    connection = connect(args.scheduler)
-    try:
-        client = connection.client
+    with connect(args.scheduler) as client:
         if model is None:
             training = [open_slide(image, spots=read_anndata(table), cache=args.cache)
                         for image, table in args.train]
@@ -96,8 +94,6 @@ def run(args) -> int:
             tile_size=args.tile_size, tile_mpp=args.tile_mpp,
             locations="spots" if query_spots is not None else "tiles", stride_um=args.stride_um,
             scheduler=client, cache=args.cache, progress=True)
-    finally:
-        connection.close()
     if reference is not None:
         cell_type_maps(result, reference, args.cell_type_key)
     result.write_h5ad(args.out)

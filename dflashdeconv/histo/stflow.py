@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -226,12 +227,17 @@ def sample_prior(kind: str, shape, generator: torch.Generator, device) -> torch.
 
 @dataclass
 class _Slide:
-    """One slide's arrays, coordinates in units of its spot spacing."""
+    """One slide's arrays, coordinates in units of its spot spacing (float32 for the model,
+    float64 ``positions`` for the k-d tree that training draws chunks of large slides with)."""
 
     features: np.ndarray
     coords: np.ndarray
     expression: np.ndarray | None
-    tree: cKDTree
+    positions: np.ndarray
+
+    @cached_property
+    def tree(self) -> cKDTree:
+        return cKDTree(self.positions)
 
 
 def _batch(items, k: int, device) -> dict[str, torch.Tensor]:
@@ -395,14 +401,12 @@ class STFlow(BaseEstimator):
         return torch.device(self.device or "cpu")
 
     def _slides(self, features, coords, slide_ids, expression=None) -> list[_Slide]:
-        """Validated, standardised per-slide arrays (spots grouped by ``slide_ids``)."""
-        features = _check_array("features", features)
+        """Standardised per-slide arrays (spots grouped by ``slide_ids``) from checked
+        ``features`` and ``expression``; coordinates and slide ids are checked here."""
         n = features.shape[0]
         if n == 0:
             raise InputError("no spots given")
         coords = _check_array("coords", coords, n, 2)
-        if expression is not None:
-            expression = _check_array("expression", expression, n)
         ids = np.zeros(n, np.int64) if slide_ids is None else np.asarray(slide_ids)
         if ids.shape != (n,):
             raise InputError(f"slide_ids must have one entry per spot ({n}), got shape {ids.shape}")
@@ -419,7 +423,7 @@ class STFlow(BaseEstimator):
                 raise InputError(f"slide {slide!r} has spots with duplicate coordinates")
             xy = (xy - xy.mean(0)) / spacing(xy)
             slides.append(_Slide(slide_features, xy.astype(np.float32),
-                                 None if expression is None else expression[rows], cKDTree(xy)))
+                                 None if expression is None else expression[rows], xy))
         return slides
 
     # ------------------------------------------------------------------ fitting
