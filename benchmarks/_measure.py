@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -44,3 +45,15 @@ def run_measured(args, *, interval: float = 0.05, env=None, cwd=None) -> dict:
     sampler.join()
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak[0], "stdout": stdout,
             "stderr": stderr, "returncode": proc.returncode}
+
+
+def run_report(args, **kwargs) -> dict:
+    """Run a benchmark runner (prints one JSON line last): that report, with the run's wall
+    time (``wall``) and whole-tree peak RSS (``peak_gb``) added; exits if the run failed."""
+    run = run_measured([str(a) for a in args], **kwargs)
+    if run["returncode"]:
+        raise SystemExit(f"{args} failed:\n{run['stderr'][-3000:]}")
+    report = json.loads(run["stdout"].strip().splitlines()[-1])
+    report["peak_gb"] = run["peak_rss_bytes"] / 1e9
+    report["wall"] = run["seconds"]
+    return report

@@ -27,16 +27,18 @@ def ensure_reference_env() -> Path:
     return REF_PYTHON
 
 
-def run_reference(inputs: Path, configs: list[dict], output: Path, *, measure: bool = False):
-    """Fit each config with the reference package on ``inputs`` (npz); results to ``output``.
+def reference_command(inputs: Path, configs: list[dict], output: Path, *,
+                      measure: bool = False) -> list[str]:
+    """The command that fits each config with the reference package on ``inputs`` (npz),
+    results to ``output``; ``measure`` warms its kernels up and times its phases."""
+    args = [str(ensure_reference_env()), str(HERE / "reference_runner.py"), str(inputs),
+            json.dumps(configs), str(output)]
+    return args + ["--measure"] if measure else args
 
-    Returns the runner's JSON report (times, iterations, lambda, peak RSS when ``measure``).
-    """
-    python = ensure_reference_env()
+
+def run_reference(inputs: Path, configs: list[dict], output: Path) -> dict:
+    """Run :func:`reference_command`; the runner's JSON report (times, iterations, lambda)."""
     env = dict(os.environ, PYTHONHASHSEED="0")
-    args = [str(python), str(HERE / "reference_runner.py"), str(inputs), json.dumps(configs),
-            str(output)]
-    if measure:
-        args.append("--measure")
-    done = subprocess.run(args, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(reference_command(inputs, configs, output), check=True,
+                          capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])

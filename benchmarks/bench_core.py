@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _measure import run_measured
-from _refenv import ensure_reference_env
+from _measure import run_report
+from _refenv import reference_command
 from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
@@ -36,7 +36,6 @@ def main():
     parser.add_argument("--types", type=int, default=15)
     parser.add_argument("--depth", type=float, default=3900.0)
     args = parser.parse_args()
-    ref_python = ensure_reference_env()
     tissue = SyntheticTissue(n_spots=args.spots, n_genes=args.genes, n_types=args.types,
                              depth=args.depth, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,15 +49,11 @@ def main():
               f"{Y.nnz / args.spots:.0f} non-zeros and {Y.sum() / args.spots:.0f} UMI per spot "
               f"({time.perf_counter() - t0:.0f} s to generate)")
         del Y
-        ref = run_measured([str(ref_python), str(HERE / "reference_runner.py"), str(tmp / "inputs.npz"),
-                            json.dumps([{}]), str(tmp / "ref.npz"), "--measure"])
-        ours = run_measured([sys.executable, str(HERE / "ours_runner.py"), str(tmp / "inputs.npz"),
-                             json.dumps({}), str(tmp / "ours.npy")])
-        for name, run in (("reference", ref), ("ours", ours)):
-            if run["returncode"]:
-                raise SystemExit(f"{name} failed:\n{run['stderr']}")
-        ref_fit = json.loads(ref["stdout"].strip().splitlines()[-1])["fits"][0]
-        our_fit = json.loads(ours["stdout"].strip().splitlines()[-1])
+        ref = run_report(reference_command(tmp / "inputs.npz", [{}], tmp / "ref.npz",
+                                           measure=True))
+        ours = run_report([sys.executable, HERE / "ours_runner.py", tmp / "inputs.npz",
+                           json.dumps({}), tmp / "ours.npy"])
+        ref_fit, our_fit = ref["fits"][0], ours
         P_ref = np.load(tmp / "ref.npz")["proportions_0"]
         P_ours = np.load(tmp / "ours.npy")
     rows = [("flashdeconv 0.2.0", ref_fit, ref, P_ref), ("dflashdeconv", our_fit, ours, P_ours)]
@@ -66,9 +61,9 @@ def main():
     for name, fit, run, P in rows:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in fit["phases"].items())
         print(f"{name:18} {fit['seconds']:7.2f} {fit['n_iterations']:6d} "
-              f"{run['peak_rss_bytes'] / 1e9:12.2f} {pearson(P, truth):8.4f} {rmse(P, truth):7.4f}  {phases}")
+              f"{run['peak_gb']:12.2f} {pearson(P, truth):8.4f} {rmse(P, truth):7.4f}  {phases}")
     print(f"speed-up: {ref_fit['seconds'] / our_fit['seconds']:.1f}x (target >= 3x); "
-          f"memory: {ours['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f} of the reference's "
+          f"memory: {ours['peak_gb'] / ref['peak_gb']:.2f} of the reference's "
           f"peak (target <= 0.5); max |ours - reference| = {np.abs(P_ours - P_ref).max():.2e}")
 
 

@@ -16,7 +16,6 @@ from --data-dir):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-from _measure import run_measured
-from _refenv import ensure_reference_env
+from _measure import run_report
+from _refenv import reference_command
 from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
@@ -53,16 +52,6 @@ def ensure_store(folder: Path, n_spots: int, depth: float):
     return SpotStore.open(path), reference
 
 
-def measured(args):
-    run = run_measured([sys.executable, *map(str, args)])
-    if run["returncode"]:
-        raise SystemExit(f"{args} failed:\n{run['stderr'][-3000:]}")
-    report = json.loads(run["stdout"].strip().splitlines()[-1])
-    report["peak_gb"] = run["peak_rss_bytes"] / 1e9
-    report["wall"] = run["seconds"]
-    return report
-
-
 def truth_of(store):
     return np.asarray(store.root()["obsm"]["proportions"][...])
 
@@ -80,39 +69,38 @@ def main():
     parser.add_argument("--inner-sweeps", type=int, default=1)
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    runner = HERE / "engine_runner.py"
+    runner = [sys.executable, HERE / "engine_runner.py"]
     engine_args = ["--inner-sweeps", args.inner_sweeps]
     rows = []
 
     print("1M spots x 3,000 genes x 15 types at ~3.9k UMI/spot", flush=True)
     big, big_ref = ensure_store(args.data_dir, 1_000_000, 3900)
     print(f"  {big.nnz:.3g} non-zeros, {big.n_blocks} blocks", flush=True)
-    engine_1m = measured([runner, "engine", big.path, big_ref, *engine_args])
+    engine_1m = run_report([*runner, "engine", big.path, big_ref, *engine_args])
     P_engine = read_results(big.path).to_numpy()
     truth = truth_of(big)
     rows.append(("engine, 1M @ 3.9k", engine_1m, P_engine, truth))
     if not args.skip_memory:
         with tempfile.TemporaryDirectory() as tmp:
-            memory = measured([runner, "memory", big.path, big_ref, Path(tmp) / "p.npy"])
+            memory = run_report([*runner, "memory", big.path, big_ref, Path(tmp) / "p.npy"])
             P_memory = np.load(Path(tmp) / "p.npy")
         rows.append(("in-memory, 1M @ 3.9k", memory, P_memory, truth))
         print(f"  engine vs in-memory: max |difference| = {np.abs(P_engine - P_memory).max():.2e}")
 
     print("100k spots at ~3.9k UMI/spot", flush=True)
     small, small_ref = ensure_store(args.data_dir, 100_000, 3900)
-    engine_100k = measured([runner, "engine", small.path, small_ref, *engine_args])
+    engine_100k = run_report([*runner, "engine", small.path, small_ref, *engine_args])
     rows.append(("engine, 100k @ 3.9k", engine_100k, read_results(small.path).to_numpy(),
                  truth_of(small)))
 
     print("1M spots at ~390 UMI/spot", flush=True)
     shallow, shallow_ref = ensure_store(args.data_dir, 1_000_000, 390)
     shallow_truth = truth_of(shallow)
-    engine_390 = measured([runner, "engine", shallow.path, shallow_ref, *engine_args])
+    engine_390 = run_report([*runner, "engine", shallow.path, shallow_ref, *engine_args])
     rows.append(("engine, 1M @ 390", engine_390, read_results(shallow.path).to_numpy(),
                  shallow_truth))
     ref_390 = None
     if not args.skip_reference:
-        ref_python = ensure_reference_env()
         with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
             X_all = shallow.root()["X"]
             from scipy import sparse
@@ -123,15 +111,12 @@ def main():
             X, _, _ = load_reference(ad.read_h5ad(shallow_ref))
             save_inputs(Path(tmp) / "inputs.npz", Y, X, shallow.coords()[order])
             del Y
-            run = run_measured([str(ref_python), str(HERE / "reference_runner.py"),
-                                str(Path(tmp) / "inputs.npz"), json.dumps([{}]),
-                                str(Path(tmp) / "ref.npz"), "--measure"])
-            if run["returncode"]:
-                raise SystemExit(f"reference failed:\n{run['stderr'][-3000:]}")
-            fit = json.loads(run["stdout"].strip().splitlines()[-1])["fits"][0]
+            ref = run_report(reference_command(Path(tmp) / "inputs.npz", [{}],
+                                               Path(tmp) / "ref.npz", measure=True))
+            fit = ref["fits"][0]
             ref_390 = {"seconds": fit["seconds"], "phases": fit["phases"],
-                       "n_iterations": fit["n_iterations"], "peak_gb": run["peak_rss_bytes"] / 1e9,
-                       "wall": run["seconds"]}
+                       "n_iterations": fit["n_iterations"], "peak_gb": ref["peak_gb"],
+                       "wall": ref["wall"]}
             P_ref = np.empty((shallow.n_spots, 15))
             P_ref[order] = np.load(Path(tmp) / "ref.npz")["proportions_0"]
         rows.append(("flashdeconv 0.2.0, 1M @ 390", ref_390, P_ref, shallow_truth))

@@ -65,12 +65,7 @@ def main():
                        "lambda": float(model.lambda_used_), "converged": bool(model.info_["converged"]),
                        "phases": dict(phases)})
     np.savez_compressed(output, **results)
-    out = {"fits": report}
-    if "--measure" in sys.argv:
-        import resource
-
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(out))
+    print(json.dumps({"fits": report}))
 
 
 if __name__ == "__main__":
