@@ -110,6 +110,18 @@ def test_flat_tiff_without_resolution_needs_slide_mpp(files):
     assert len(slide.levels) >= 2 and slide.levels[1].shape[1:] == (SIZE // 2, SIZE // 2)
 
 
+def test_coarse_levels_are_added_to_a_multiscale_image_that_stops_early(synthetic):
+    image = Image2DModel.parse(np.moveaxis(synthetic.image, -1, 0), dims=("c", "y", "x"),
+                               scale_factors=[2], chunks=(3, 512, 512))
+    slide = slide_image(sd.SpatialData(images={"he": image}), slide_mpp=0.5)
+    assert [lv.shape[1:] for lv in slide.levels] == [(SIZE, SIZE), (SIZE // 2,) * 2,
+                                                     (SIZE // 4,) * 2]
+    assert slide.downsamples == (1.0, 2.0, 4.0)
+    level1 = slide.levels[1].compute().astype(np.float32)
+    pooled = level1.reshape(3, SIZE // 4, 2, SIZE // 4, 2).mean(axis=(2, 4)).round()
+    np.testing.assert_array_equal(slide.levels[2].compute(), pooled.astype(np.uint8))
+
+
 def test_spatialdata_store_round_trip(files, tmp_path):
     sdata = open_slide(files / "slide.png", slide_mpp=0.8, cache=tmp_path)
     sdata.write(tmp_path / "copy.zarr")

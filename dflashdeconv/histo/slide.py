@@ -386,7 +386,7 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
                               lock=False, meta=np.empty((0, 0, 0), np.uint8))
         array = da.moveaxis(array, -1, 0) if axes[-1] in "SC" else array
         levels.append(_rgb(array, path.name))
-    return levels + _pyramid(levels[-1])[1:], mpp
+    return levels, mpp
 
 
 def _rgb(array: da.Array, name: str) -> da.Array:
@@ -467,23 +467,32 @@ def _wsi_reader(sdata):
     return reader if reader is not None and hasattr(reader, "get_region") else None
 
 
+def _image_source(sdata, image_key: str | None):
+    """``(reader, None)`` where the pixels come from a wsidata slide reader (no
+    ``image_key`` naming one of the object's images), else ``(None, key)`` of the image."""
+    reader = _wsi_reader(sdata)
+    if reader is not None and (image_key is None or image_key not in sdata.images):
+        return reader, None
+    return None, _single_image_key(sdata, image_key)
+
+
 def slide_image(sdata, image_key: str | None = None, slide_mpp: float | None = None) -> SlideImage:
     """The :class:`SlideImage` of an image of ``sdata`` (a wsidata ``WSIData`` reads
     through its slide reader). Microns per pixel: ``slide_mpp``, else what
-    :func:`open_slide` recorded, else the WSIData's slide properties."""
+    :func:`open_slide` recorded, else the WSIData's slide properties. Levels coarser than
+    the source's own are added lazily, so tissue detection always reads a small one."""
     _check_spatialdata(sdata)
-    reader = _wsi_reader(sdata)
-    if reader is not None and (image_key is None or image_key not in sdata.images):
+    reader, key = _image_source(sdata, image_key)
+    if reader is not None:
         levels = _reader_levels(reader)
         mpp = slide_mpp or reader.properties.mpp
         fingerprint = f"wsi-{file_fingerprint(reader.file)}"
     else:
-        key = _single_image_key(sdata, image_key)
         levels = _element_levels(sdata.images[key], key)
         attrs = _slide_attrs(sdata, key)
         mpp = slide_mpp or attrs.get("mpp")
         fingerprint = attrs.get("fingerprint") or f"dask-{levels[0].name}"
-    levels = levels if len(levels) > 1 else _pyramid(levels[0])
+    levels = levels + _pyramid(levels[-1])[1:]
     height, width = levels[0].shape[1:]
     downsamples = tuple(float(np.sqrt(height / lv.shape[1] * width / lv.shape[2])) for lv in levels)
     return SlideImage(tuple(levels), downsamples, None if mpp is None else float(mpp), fingerprint)
@@ -508,9 +517,10 @@ def image_transformations(sdata, image_key: str | None = None) -> dict:
     WSIData's slide reader is the identity to "global", wsidata's convention)."""
     from spatialdata.transformations import Identity, get_transformation
 
-    if _wsi_reader(sdata) is not None and (image_key is None or image_key not in sdata.images):
+    reader, key = _image_source(sdata, image_key)
+    if reader is not None:
         return {"global": Identity()}
-    return get_transformation(sdata.images[_single_image_key(sdata, image_key)], get_all=True)
+    return get_transformation(sdata.images[key], get_all=True)
 
 
 def _read_reader_block(reader, level, block_info=None):
@@ -657,7 +667,7 @@ def spots_table(sdata, *, image_key: str | None = None, shapes_key: str | None =
     from ..engine.ingest import annotated_centroids
 
     local = annotated_centroids(sdata, table, table_key)
-    key = _single_image_key(sdata, image_key) if _wsi_reader(sdata) is None or image_key else None
+    _, key = _image_source(sdata, image_key)
     centres = _to_image_pixels(sdata, region, key, local)
     shape = slide_image(sdata, key).shape
     return Spots(table, check_points_in_image(centres, shape), region, instance)
