@@ -198,7 +198,7 @@ def test_bad_counts_in_a_store_name_the_block(dask_client, reference, tmp_path):
     for start in range(0, 600, 256):
         writer.append(counts[start:start + 256])
     store = writer.close()
-    with pytest.raises(InputError, match=r"block 1 \(rows 256-511\): 1 NaN"):
+    with pytest.raises(InputError, match=r"block 1 \(rows 256-511\): counts contains 1 NaN"):
         deconvolve_store(store.path, X, types, genes, scheduler=dask_client, progress=False)
 
 

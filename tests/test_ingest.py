@@ -232,7 +232,7 @@ def test_duplicate_barcodes_and_bad_values(spots, tmp_path):
         ingest.from_anndata(bad, tmp_path / "b.zarr")
     bad = spots.copy()
     bad.obsm["spatial"][12, 0] = np.nan
-    with pytest.raises(InputError, match=r"NaN or infinite coordinates in rows \[12\]"):
+    with pytest.raises(InputError, match=r"spot coordinates contain NaN or infinite values in 1 spot\(s\), e.g. rows \[12\]"):
         ingest.from_anndata(bad, tmp_path / "c.zarr")
     del bad.obsm["spatial"]
     with pytest.raises(InputError, match="coordinates missing"):

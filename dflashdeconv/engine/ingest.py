@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.validation import check_coords
 from ..errors import InputError
 from .store import (
     SpotStore,
@@ -51,15 +52,7 @@ def _check_spots(source: str, names, coords) -> np.ndarray:
         rows = np.flatnonzero(names == first)[:5].tolist()
         raise InputError(f"{source}: duplicate barcode {first!r} in rows {rows} "
                          f"({int(names.duplicated().sum())} duplicates in all)")
-    if coords is None:
-        raise InputError(f"{source}: spot coordinates are missing")
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[0] != len(names) or coords.shape[1] not in (2, 3):
-        raise InputError(f"{source}: coordinates of shape {coords.shape} for {len(names)} spots")
-    bad = ~np.isfinite(coords).all(axis=1)
-    if bad.any():
-        raise InputError(f"{source}: NaN or infinite coordinates in rows {np.flatnonzero(bad)[:5].tolist()}")
-    return coords
+    return check_coords(coords, len(names), f"{source}: spot coordinates")
 
 
 def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, source: str,

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.genes import GeneMoments, gene_moments
 from ..core.project import SpotTransform, project
-from ..core.validation import _count_bad, check_projection
+from ..core.validation import check_projection, check_values
 from ..errors import InputError
 from .progress import track
 from .store import SpotStore, open_zarr
@@ -24,14 +24,7 @@ def check_block(store: SpotStore, block: int, indices, data) -> None:
     """Raise :class:`InputError` naming the block, its rows and the problem."""
     start, stop = store.block_rows(block)
     where = f"{store.path}: block {block} (rows {start}-{stop - 1})"
-    if data.size and data.dtype.kind not in "fiu":
-        raise InputError(f"{where}: counts have dtype {data.dtype}, numbers expected")
-    if data.size and data.dtype.kind != "u":
-        n_nonfinite, n_negative = _count_bad(data)
-        if n_nonfinite:
-            raise InputError(f"{where}: {n_nonfinite} NaN or infinite count(s)")
-        if n_negative:
-            raise InputError(f"{where}: {n_negative} negative count(s)")
+    check_values(f"{where}: counts", data)
     if indices.size and (indices.min() < 0 or indices.max() >= store.n_genes):
         raise InputError(f"{where}: gene index out of range (corrupt X/indices)")
 
