@@ -18,15 +18,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_LOCKED = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a batch system stopping the job): unwind, release locks, exit 143.
-
-    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main thread
-    is, and libraries' ``except Exception`` blocks (distributed's task serialisation among
-    them) would otherwise swallow it or wrap it in another error.
-    """
-
-
 def _is_store(path: str) -> bool:
     """A spot store path or URL (anything but an .h5ad file)."""
     return not str(path).endswith(".h5ad")
@@ -339,12 +330,15 @@ def main(argv=None) -> int:
         return EXIT_FAILURE
     import signal
 
+    from .engine import stop
     from .engine.lock import StoreLockedError
-    from .errors import InputError
+    from .errors import InputError, Terminated
 
     def terminate(signum, frame):
+        stop.request()  # kept for the engine's next safe point should this raise be lost
         raise Terminated()
 
+    stop.clear()
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return args.run(args)
@@ -354,12 +348,13 @@ def main(argv=None) -> int:
     except StoreLockedError as error:
         print(f"dflashdeconv: error: {error}", file=sys.stderr)
         return EXIT_LOCKED
-    except (KeyboardInterrupt, Terminated) as stop:
+    except (KeyboardInterrupt, Terminated) as interruption:
         resume = " (continue with --resume)" if args.command == "deconvolve" else ""
         print(f"dflashdeconv: interrupted{resume}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stop.clear()
 
 
 if __name__ == "__main__":

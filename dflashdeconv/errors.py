@@ -17,5 +17,12 @@ class NotFittedError(DFlashDeconvError, RuntimeError):
     """A fitted attribute was requested before ``fit`` ran."""
 
 
+class Terminated(BaseException):
+    """The run was told to stop (SIGTERM: a batch system stopping the job); what it recorded
+    is kept for ``--resume``. A BaseException, like KeyboardInterrupt, so that libraries'
+    ``except Exception`` blocks (distributed's task serialisation among them) neither swallow
+    it nor wrap it in another error."""
+
+
 class DataWarning(UserWarning):
     """Suspicious but usable input (unlabelled cells, spots without counts, ...)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.solver import sweep
+from .stop import check as check_stop
 from .blocks import BlockGraph
 from .store import open_zarr
 
@@ -189,6 +190,7 @@ class BlockSolver:
         converged = bool(changes) and changes[-1] < tol
         failures = 0
         while not converged and rounds < max_iter:
+            check_stop()  # between rounds: the last checkpoint is complete
             slot = (rounds + 1) % 2
             target = (run_path, slot) if run_path else None
             try:
