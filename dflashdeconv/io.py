@@ -2,7 +2,8 @@
 
 ``prepare_data`` turns a spatial AnnData and a single-cell reference into ``(Y, X,
 coords, cell_type_names, gene_names)`` with the genes both share; ``result_to_anndata``
-writes proportions back. Every check raises :class:`~dflashdeconv.errors.InputError`
+writes proportions back (``shared_genes`` and ``params_record`` live in core, where
+the engine uses them too). Every check raises :class:`~dflashdeconv.errors.InputError`
 naming the offending key, before any computation.
 """
 
@@ -16,7 +17,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .core.genes import shared_genes
+from .core.params import params_record
 from .errors import DataWarning, InputError
+from .tables import layer_matrix
 
 #: Labels that mean "no cell type" (matched case-insensitively, whole label).
 UNLABELLED = re.compile(
@@ -26,23 +30,13 @@ UNLABELLED = re.compile(
 )
 
 
-def _matrix(adata, layer, what: str):
-    if layer is None:
-        if adata.X is None:
-            raise InputError(f"{what} has no .X; pass layer=")
-        return adata.X
-    if layer not in adata.layers:
-        raise InputError(f"layer {layer!r} not found in {what}.layers ({list(adata.layers)})")
-    return adata.layers[layer]
-
-
 def load_spatial_data(adata, layer: str | None = None, coord_key: str = "spatial"):
     """``(Y, coords, gene_names)`` of a spatial AnnData (``Y`` is not copied).
 
     Coordinates come from ``obsm[coord_key]``; as fallbacks the reference package's
     ``obsm['X_spatial']``, ``obs[['x', 'y']]`` or ``obs[['array_row', 'array_col']]``.
     """
-    Y = _matrix(adata, layer, "the spatial AnnData")
+    Y = layer_matrix(adata, layer, "the spatial AnnData")
     if coord_key in adata.obsm:
         coords = np.asarray(adata.obsm[coord_key])
     elif "X_spatial" in adata.obsm:
@@ -59,6 +53,18 @@ def load_spatial_data(adata, layer: str | None = None, coord_key: str = "spatial
     return Y, coords, np.asarray(adata.var_names)
 
 
+def check_labels(reference, cell_type_key: str = "cell_type") -> None:
+    """A single-cell reference is an AnnData with labels in ``obs[cell_type_key]``
+    (checked before any long work; :func:`load_reference` checks the rest)."""
+    import anndata as ad
+
+    if not isinstance(reference, ad.AnnData):
+        raise InputError(f"reference must be an AnnData, got {type(reference).__name__}")
+    if cell_type_key not in reference.obs:
+        raise InputError(f"cell type key {cell_type_key!r} not found in the reference's .obs "
+                         f"(columns: {list(reference.obs.columns)})")
+
+
 def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | None = None,
                    method: str = "mean"):
     """``(X, cell_type_names, gene_names)``: mean (or summed) profile per labelled type.
@@ -68,9 +74,7 @@ def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | Non
     """
     if method not in ("mean", "sum"):
         raise InputError(f"method must be 'mean' or 'sum', got {method!r}")
-    if cell_type_key not in adata_ref.obs:
-        raise InputError(f"cell type key {cell_type_key!r} not found in the reference's .obs "
-                         f"(columns: {list(adata_ref.obs.columns)})")
+    check_labels(adata_ref, cell_type_key)
     labels = adata_ref.obs[cell_type_key]
     n_missing = int(labels.isna().sum())
     if n_missing:
@@ -91,7 +95,7 @@ def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | Non
     if unlabelled:
         warnings.warn(f"reference labels {unlabelled} look like missing annotations; they are "
                       "kept as cell types of their own", DataWarning, stacklevel=2)
-    expr = _matrix(adata_ref, layer, "the reference AnnData")
+    expr = layer_matrix(adata_ref, layer, "the reference AnnData")
     indicator = sparse.csr_matrix(
         (np.ones(codes.size), (codes, np.arange(codes.size))), shape=(types.size, codes.size)
     )
@@ -100,29 +104,6 @@ def load_reference(adata_ref, cell_type_key: str = "cell_type", layer: str | Non
     if method == "mean":
         X /= np.bincount(codes, minlength=types.size)[:, None]
     return X, types, np.asarray(adata_ref.var_names)
-
-
-def shared_genes(genes_spatial, genes_ref):
-    """``(common names (sorted), spatial indices, reference indices)`` of the shared genes.
-
-    Raises when either list repeats a name or when no gene is shared.
-    """
-    genes_spatial = np.asarray(genes_spatial).astype(str)
-    genes_ref = np.asarray(genes_ref).astype(str)
-    for name, g in (("spatial", genes_spatial), ("reference", genes_ref)):
-        _, first, counts = np.unique(g, return_index=True, return_counts=True)
-        if (counts > 1).any():
-            dup = g[np.sort(first[counts > 1])][:5].tolist()
-            raise InputError(f"duplicate gene names in the {name} data, e.g. {dup}; make them "
-                             "unique (AnnData.var_names_make_unique)")
-    common, spatial_idx, ref_idx = np.intersect1d(genes_spatial, genes_ref, return_indices=True)
-    if common.size == 0:
-        raise InputError(
-            "no genes in common between the spatial data and the reference "
-            f"(e.g. {genes_spatial[:3].tolist()} vs {genes_ref[:3].tolist()}); check that both "
-            "use the same gene identifiers (symbols vs Ensembl IDs)"
-        )
-    return common, spatial_idx, ref_idx
 
 
 def align_genes(Y, X, genes_spatial, genes_ref):
@@ -155,25 +136,6 @@ def result_to_anndata(proportions, adata, cell_type_names=None, key_added: str =
     adata.obs[f"{key_added}_dominant"] = pd.Categorical(
         columns[np.argmax(proportions, axis=1)], categories=columns)
     return adata
-
-
-def params_record(params: dict, *, lambda_used, types, n_genes_used: int, converged: bool,
-                  n_iterations: int, changes, n_zero_signal: int) -> dict:
-    """The ``uns[key + '_params']`` record of a run, the same for AnnData and spot stores:
-    the model parameters (a missing radius as -1, storable) and how the fit went."""
-    return {
-        **{k: v for k, v in params.items() if k not in ("verbose", "radius")},
-        "radius": -1.0 if params["radius"] is None else float(params["radius"]),
-        "lambda_spatial": float(lambda_used),
-        "lambda_spatial_requested": str(params["lambda_spatial"]),
-        "n_genes_used": int(n_genes_used),
-        "n_cell_types": len(types),
-        "cell_type_names": [str(t) for t in types],
-        "converged": bool(converged),
-        "n_iterations": int(n_iterations),
-        "changes": [float(c) for c in changes],
-        "n_zero_signal": int(n_zero_signal),
-    }
 
 
 def read_anndata(path: str):

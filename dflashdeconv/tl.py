@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
+import pandas as pd
 
 from .core.model import FlashDeconv
-from .io import params_record, prepare_data, result_to_anndata
+from .core.params import params_record
+from .errors import DataWarning, InputError
+from .io import check_labels, prepare_data, result_to_anndata
 
 
 def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_dim: int = 512,
@@ -47,8 +51,6 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
     """
     if isinstance(adata_st, (str, os.PathLike)):
         if uncertainty:
-            from .errors import InputError
-
             raise InputError("uncertainty=True is available for in-memory AnnData input only")
         from .engine.run import deconvolve_store
         from .io import load_reference
@@ -101,9 +103,38 @@ def predict_expression(query, training=None, **kwargs):
     return predict(query, training, **kwargs)
 
 
-def predict_cell_types(expression, reference, cell_type_key: str = "cell_type", **kwargs):
+def predict_cell_types(expression, reference, cell_type_key: str = "cell_type", *,
+                       key_added: str = "cell_types", **deconvolve_params) -> pd.DataFrame:
     """Per-tile cell-type proportions from H&E alone: FlashDeconv on the expression that
-    :func:`predict_expression` returned, with a single-cell ``reference``."""
-    from .histo.predict import cell_type_maps
+    :func:`predict_expression` returned, with a single-cell ``reference``.
 
-    return cell_type_maps(expression, reference, cell_type_key, **kwargs)
+    The counts ``expm1(X)`` of ``expression`` (log1p counts) go into :func:`deconvolve`
+    with ``reference`` (genes matched by name; a reference without enough of the panel's
+    genes is an error). Writes ``obsm[key_added]``, ``obs[key_added + '_dominant']`` and
+    ``uns[key_added + '_params']`` into ``expression`` and returns the proportions.
+    """
+    import anndata as ad
+
+    check_labels(reference, cell_type_key)
+    panel = pd.Index(expression.var_names.astype(str))
+    shared = panel.intersection(pd.Index(reference.var_names.astype(str)))
+    n_types = reference.obs[cell_type_key].nunique()
+    if shared.size < max(2, n_types):
+        raise InputError(f"the reference has {shared.size} of the {panel.size} panel genes "
+                         f"(missing e.g. {list(panel.difference(shared)[:5])}); deconvolving "
+                         f"{n_types} cell types needs at least {max(2, n_types)}: train STFlow "
+                         "on a panel the reference measures (genes=[...])")
+    if shared.size < panel.size:
+        warnings.warn(f"{panel.size - shared.size} panel genes are not in the reference and are "
+                      "left out of the deconvolution", DataWarning, stacklevel=2)
+    counts = ad.AnnData(X=np.expm1(np.clip(np.asarray(expression.X, np.float64), 0, None)),
+                        obs=pd.DataFrame(index=expression.obs_names),
+                        var=pd.DataFrame(index=panel))
+    counts.obsm["spatial"] = np.asarray(expression.obsm["spatial"])
+    deconvolve(counts, reference, cell_type_key=cell_type_key, key_added=key_added,
+               **deconvolve_params)
+    proportions = counts.obsm[key_added]
+    expression.obsm[key_added] = proportions
+    expression.obs[f"{key_added}_dominant"] = counts.obs[f"{key_added}_dominant"]
+    expression.uns[f"{key_added}_params"] = counts.uns[f"{key_added}_params"]
+    return proportions

@@ -4,11 +4,16 @@ synthetic tissues."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import sparse
+
+# the worker environment connect() gives LocalClusters (see engine.cluster.WORKER_ENVIRON),
+# for the clusters the tests start themselves: inherited by their worker processes
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"

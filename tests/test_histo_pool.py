@@ -14,13 +14,14 @@ import spatialdata as sd
 from conftest import digest
 from spatialdata.models import Image2DModel
 
-from dflashdeconv.engine.cluster import gpu_workers
 from dflashdeconv.errors import InputError
 from dflashdeconv.histo import pool
-from dflashdeconv.histo.predict import cell_type_maps, predict_expression, train_expression_model
+from dflashdeconv.histo.devices import gpu_workers
+from dflashdeconv.histo.predict import predict_expression, train_expression_model
 from dflashdeconv.histo.slide import TileSpec, add_spots, slide_image, spots_table, tile_grid
 from dflashdeconv.histo.stflow import STFlow
 from dflashdeconv.histo.synthetic import synthetic_slide
+from dflashdeconv.tl import predict_cell_types
 
 TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=20, chunks_per_slide=8,
             learning_rate=3e-3, dropout=0.1, random_state=0)
@@ -149,7 +150,7 @@ def test_cell_type_maps_from_he_only(trained, gpu_pool, training):
     label = pd.cut(spots.obs["cellularity"], [-1, 0.35, 0.65, 2], labels=["sparse", "mid", "dense"])
     reference = ad.AnnData(spots.X, obs=pd.DataFrame({"cell_type": label.astype(str).to_numpy()}),
                            var=pd.DataFrame(index=spots.var_names))
-    proportions = cell_type_maps(result, reference, n_hvg=20)
+    proportions = predict_cell_types(result, reference, n_hvg=20)
     assert proportions.shape == (result.n_obs, 3)
     np.testing.assert_allclose(proportions.sum(1), 1.0, atol=1e-6)
     assert result.obsm["cell_types"] is proportions
@@ -159,7 +160,7 @@ def test_cell_type_maps_from_he_only(trained, gpu_pool, training):
     renamed = reference.copy()
     renamed.var_names = [f"OTHER{i}" for i in range(renamed.n_vars)]
     with pytest.raises(InputError, match="panel genes"):
-        cell_type_maps(result, renamed)
+        predict_cell_types(result, renamed)
 
 
 def test_bad_input_is_rejected_before_work(trained, gpu_pool, training):
@@ -185,7 +186,7 @@ def test_command_line_predicts_from_files(gpu_pool, tmp_path):
 
     from PIL import Image
 
-    from dflashdeconv.histo import command
+    from dflashdeconv.cli import predict_expression as command
 
     paths = []
     for seed in (1, 2):

@@ -229,3 +229,26 @@ def select_genes(
     if genes.size == 0:
         raise InputError("no genes selected: increase n_hvg or n_markers_per_type")
     return genes.astype(np.intp)
+
+
+def shared_genes(genes_spatial, genes_ref):
+    """``(common names (sorted), spatial indices, reference indices)`` of the shared genes.
+
+    Raises when either list repeats a name or when no gene is shared.
+    """
+    genes_spatial = np.asarray(genes_spatial).astype(str)
+    genes_ref = np.asarray(genes_ref).astype(str)
+    for name, g in (("spatial", genes_spatial), ("reference", genes_ref)):
+        _, first, counts = np.unique(g, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            dup = g[np.sort(first[counts > 1])][:5].tolist()
+            raise InputError(f"duplicate gene names in the {name} data, e.g. {dup}; make them "
+                             "unique (AnnData.var_names_make_unique)")
+    common, spatial_idx, ref_idx = np.intersect1d(genes_spatial, genes_ref, return_indices=True)
+    if common.size == 0:
+        raise InputError(
+            "no genes in common between the spatial data and the reference "
+            f"(e.g. {genes_spatial[:3].tolist()} vs {genes_ref[:3].tolist()}); check that both "
+            "use the same gene identifiers (symbols vs Ensembl IDs)"
+        )
+    return common, spatial_idx, ref_idx

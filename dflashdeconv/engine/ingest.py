@@ -18,6 +18,7 @@ from scipy import sparse
 
 from ..core.validation import check_coords
 from ..errors import InputError
+from ..tables import annotated_centroids, layer_matrix
 from .store import (
     SpotStore,
     StoreWriter,
@@ -141,9 +142,8 @@ def from_path(source, path, kind: str | None = None, **kwargs) -> SpotStore:
 
 
 # --------------------------------------------------------------------------- AnnData / h5ad
-def _anndata_chunks(adata, layer) -> Iterator:
-    matrix = adata.X if layer is None else adata.layers[layer]
-    for start in range(0, adata.n_obs, SOURCE_CHUNK_ROWS):
+def _anndata_chunks(matrix, n_rows: int) -> Iterator:
+    for start in range(0, n_rows, SOURCE_CHUNK_ROWS):
         rows = matrix[start:start + SOURCE_CHUNK_ROWS]
         yield start, rows if sparse.issparse(rows) else sparse.csr_matrix(np.asarray(rows))
 
@@ -151,14 +151,13 @@ def _anndata_chunks(adata, layer) -> Iterator:
 def from_anndata(adata, path, *, spatial_key: str = "spatial", layer: str | None = None,
                  source: str = "AnnData", **kwargs) -> SpotStore:
     """Spot store from an AnnData (in memory or backed), read ``SOURCE_CHUNK_ROWS`` at a time."""
-    if layer is not None and layer not in adata.layers:
-        raise InputError(f"{source}: layer {layer!r} not found ({list(adata.layers)})")
+    matrix = layer_matrix(adata, layer, source)
     if spatial_key not in adata.obsm:
         raise InputError(f"{source}: coordinates missing: no obsm[{spatial_key!r}] "
                          f"(obsm has {list(adata.obsm)})")
     coords = np.asarray(adata.obsm[spatial_key])
     return write_sorted(path, adata.obs_names, adata.var_names, coords,
-                        _anndata_chunks(adata, layer), source=source, **kwargs)
+                        _anndata_chunks(matrix, adata.n_obs), source=source, **kwargs)
 
 
 def from_h5ad(h5ad_path, path, **kwargs) -> SpotStore:
@@ -194,32 +193,6 @@ def from_spatialdata(sdata, path, *, table: str | None = None, **kwargs) -> Spot
         adata = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, layers=dict(adata.layers),
                            obsm={spatial_key: annotated_centroids(sdata, adata, table)})
     return from_anndata(adata, path, source=f"SpatialData table {table!r}", **kwargs)
-
-
-def annotated_centroids(sdata, adata, table: str) -> np.ndarray:
-    """Centroid of the shape each row annotates, row for row (a table may annotate several
-    shapes elements; each row names its own through the region key)."""
-    attrs = adata.uns.get("spatialdata_attrs", {})
-    region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
-    if region_key not in adata.obs or instance_key not in adata.obs:
-        raise InputError(f"table {table!r}: no obsm['spatial'] and no annotated shapes to take "
-                         "coordinates from")
-    row_regions = adata.obs[region_key].astype(str).to_numpy()
-    ids = adata.obs[instance_key].to_numpy()
-    coords = np.empty((adata.n_obs, 2), dtype=np.float64)
-    for region in np.unique(row_regions):
-        if region not in sdata.shapes:
-            raise InputError(f"table {table!r}: rows annotate {region!r}, which is not a shapes "
-                             f"element (shapes: {list(sdata.shapes)})")
-        rows = row_regions == region
-        shapes = sdata.shapes[region]
-        position = shapes.index.get_indexer(ids[rows])
-        if (position < 0).any():
-            raise InputError(f"table {table!r}: {(position < 0).sum()} rows annotate no shape "
-                             f"of {region!r}")
-        centroid = shapes.geometry.centroid
-        coords[rows] = np.column_stack([centroid.x.to_numpy(), centroid.y.to_numpy()])[position]
-    return coords
 
 
 # --------------------------------------------------------------------------- Visium HD

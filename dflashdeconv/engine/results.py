@@ -209,6 +209,19 @@ def publish(store: SpotStore, key: str, params: dict) -> None:
     write_elem(root["uns"], f"{key}_params", params)
 
 
+def stored_runs(store: SpotStore):
+    """``(key, params, status)`` of every result or run recorded in the store: ``params``
+    of a completed run (else None) and the state of a run that is not complete (else None)."""
+    from anndata.io import read_elem
+
+    uns = store.root()["uns"]
+    for name in sorted(uns):
+        if name.endswith("_params"):
+            yield name[:-len("_params")], read_elem(uns[name]), None
+        elif name.endswith("_run") and uns[name].attrs.get("status") != "complete":
+            yield name[:-len("_run")], None, uns[name].attrs.get("status")
+
+
 def read_results(path, key: str = "flashdeconv") -> pd.DataFrame:
     """Proportions of a completed run (DataFrame spots x cell types)."""
     from anndata.io import read_elem

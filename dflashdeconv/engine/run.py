@@ -20,11 +20,12 @@ import warnings
 import numpy as np
 
 from ..core import genes as gene_selection
+from ..core.genes import shared_genes
 from ..core.model import FlashDeconv, build_transform, fit_parameters
+from ..core.params import params_record
 from ..core.solver import auto_lambda, scaled_rho
 from ..core.validation import check_reference
 from ..errors import DataWarning
-from ..io import params_record, shared_genes
 from . import passes
 from .blocks import build_graph
 from .cluster import connect

@@ -16,8 +16,8 @@ _EXPORTS = {
     "get_encoder": "encoders", "register_encoder": "encoders",
     "available_encoders": "encoders", "Encoder": "encoders",
     "STFlow": "stflow",
+    "gpu_workers": "devices", "task_device": "devices",
     "train_expression_model": "predict", "predict_expression": "predict",
-    "cell_type_maps": "predict",
     "synthetic_slide": "synthetic",
 }
 

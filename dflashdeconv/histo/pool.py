@@ -2,7 +2,7 @@
 
 Tasks are submitted with ``resources={"GPU": 1}`` when the cluster has such workers
 (``dask worker ADDRESS --resources GPU=1``, one worker per GPU) and run on the device
-:func:`~dflashdeconv.engine.cluster.task_device` picks there; without them the same tasks
+:func:`~dflashdeconv.histo.devices.task_device` picks there; without them the same tasks
 run on any worker, on CPU. Workers read their own tiles from the lazy slide, so only
 coordinates go out and only features come back.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.cluster import gpu_task_options, task_device
 from ..errors import InputError
+from .devices import gpu_task_options, task_device
 from .encoders import Encoder, encoder_identity, features_key, get_encoder
 from .slide import SlideImage, TileSpec, cache_dir
 

@@ -1,23 +1,24 @@
-"""H&E to expression and cell types: tile, embed, train STFlow and predict on the pool.
+"""H&E to expression: tile, embed, train STFlow and predict on the pool.
 
 :func:`train_expression_model` learns a gene panel from paired slides (H&E + spot
 counts); :func:`predict_expression` predicts it for every tile of a query slide (or its
-spots) and writes a table into the SpatialData object; :func:`cell_type_maps` feeds the
-predicted expression into FlashDeconv with a single-cell reference, so H&E alone gives
+spots) and writes a table into the SpatialData object. ``tl.predict_cell_types`` feeds
+that prediction into FlashDeconv with a single-cell reference, so H&E alone gives
 per-tile cell-type proportions.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..errors import DataWarning, InputError
+from ..core.validation import as_count_matrix
+from ..errors import InputError
+from ..tables import layer_matrix
 from . import pool
 from .slide import (
     PREDICTION_MARKER,
@@ -47,11 +48,8 @@ def _as_spatialdata(source, slide_mpp, cache, what: str):
 
 def _count_matrix(table, genes: np.ndarray, layer: str | None, what: str) -> np.ndarray:
     """Dense (spots, genes) raw counts of ``genes``, checked finite and non-negative."""
-    from ..core.validation import as_count_matrix
-    from ..io import _matrix
-
     position = pd.Index(table.var_names.astype(str)).get_indexer(genes)
-    counts = as_count_matrix(what, _matrix(table, layer, what)[:, position])
+    counts = as_count_matrix(what, layer_matrix(table, layer, what)[:, position])
     return np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
 
 
@@ -264,56 +262,4 @@ def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, ti
     return table
 
 
-def check_reference(reference, cell_type_key: str = "cell_type") -> None:
-    """A single-cell reference is an AnnData with labels in ``obs[cell_type_key]``
-    (checked before any long work; the deconvolution checks the rest)."""
-    import anndata as ad
-
-    if not isinstance(reference, ad.AnnData):
-        raise InputError(f"reference must be an AnnData, got {type(reference).__name__}")
-    if cell_type_key not in reference.obs:
-        raise InputError(f"cell type key {cell_type_key!r} not found in the reference's .obs "
-                         f"(columns: {list(reference.obs.columns)})")
-
-
-def cell_type_maps(expression, reference, cell_type_key: str = "cell_type", *,
-                   key_added: str = "cell_types", **deconvolve_params) -> pd.DataFrame:
-    """Per-tile cell-type proportions from predicted expression (H&E only).
-
-    ``expression``: the AnnData of :func:`predict_expression` (log1p counts). The counts
-    ``expm1(X)`` go into FlashDeconv with the single-cell ``reference`` (genes matched by
-    name; a reference without the panel's genes is an error). Writes ``obsm[key_added]``
-    and ``obs[key_added + '_dominant']`` into ``expression`` and returns the proportions.
-    """
-    import anndata as ad
-
-    from ..tl import deconvolve
-
-    check_reference(reference, cell_type_key)
-    panel = pd.Index(expression.var_names.astype(str))
-    shared = panel.intersection(pd.Index(reference.var_names.astype(str)))
-    n_types = reference.obs[cell_type_key].nunique()
-    if shared.size < max(2, n_types):
-        raise InputError(f"the reference has {shared.size} of the {panel.size} panel genes "
-                         f"(missing e.g. {list(panel.difference(shared)[:5])}); deconvolving "
-                         f"{n_types} cell types needs at least {max(2, n_types)}: train STFlow "
-                         "on a panel the reference measures (genes=[...])")
-    if shared.size < panel.size:
-        warnings.warn(f"{panel.size - shared.size} panel genes are not in the reference and are "
-                      "left out of the deconvolution", DataWarning, stacklevel=2)
-    counts = ad.AnnData(X=np.expm1(np.clip(np.asarray(expression.X, np.float64), 0, None)),
-                        obs=pd.DataFrame(index=expression.obs_names),
-                        var=pd.DataFrame(index=panel))
-    counts.obsm["spatial"] = np.asarray(expression.obsm["spatial"])
-    deconvolve(counts, reference, cell_type_key=cell_type_key, key_added=key_added,
-               **deconvolve_params)
-    proportions = counts.obsm[key_added]
-    expression.obsm[key_added] = proportions
-    expression.obs[f"{key_added}_dominant"] = counts.obs[f"{key_added}_dominant"]
-    expression.uns[f"{key_added}_params"] = counts.uns[f"{key_added}_params"]
-    return proportions
-
-
-__all__ = ["train_expression_model", "predict_expression", "cell_type_maps", "check_reference",
-           "select_genes",
-           "LOCATIONS"]
+__all__ = ["train_expression_model", "predict_expression", "select_genes", "LOCATIONS"]

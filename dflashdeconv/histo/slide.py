@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import InputError
+from ..tables import annotated_centroids
 
 #: Default key of the slide image in a SpatialData object.
 IMAGE_KEY = "he"
@@ -664,8 +665,6 @@ def spots_table(sdata, *, image_key: str | None = None, shapes_key: str | None =
     rows = table.obs[attrs["region_key"]].astype(str).to_numpy() == region
     table = table[rows]
     instance = table.obs[attrs["instance_key"]].to_numpy()
-    from ..engine.ingest import annotated_centroids
-
     local = annotated_centroids(sdata, table, table_key)
     _, key = _image_source(sdata, image_key)
     centres = _to_image_pixels(sdata, region, key, local)

@@ -1,7 +1,4 @@
-"""``dflashdeconv predict-expression``: H&E -> expression (and cell types) from the shell.
-
-``cli.py`` registers it with :func:`add_parser`; :func:`run` returns the exit code.
-"""
+"""``dflashdeconv predict-expression``: H&E -> expression (and cell types) from the shell."""
 
 from __future__ import annotations
 
@@ -9,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import EXIT_OK
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -62,17 +60,17 @@ def _genes(text: str):
 
 def run(args) -> int:
     """Run ``predict-expression``; bad input raises :class:`InputError` (exit code 2)."""
-    from ..io import read_anndata
     from ..engine.cluster import connect
-    from .predict import check_reference, cell_type_maps, predict_expression, \
-        train_expression_model
-    from .slide import TileSpec, open_slide
-    from .stflow import STFlow
+    from ..histo.predict import predict_expression, train_expression_model
+    from ..histo.slide import TileSpec, open_slide
+    from ..histo.stflow import STFlow
+    from ..io import check_labels, read_anndata
+    from ..tl import predict_cell_types
 
     genes = _genes(args.genes)
     reference = read_anndata(args.reference) if args.reference else None
     if reference is not None:
-        check_reference(reference, args.cell_type_key)
+        check_labels(reference, args.cell_type_key)
     query_spots = read_anndata(args.query_spots) if args.query_spots else None
     query = open_slide(args.query, slide_mpp=args.slide_mpp, spots=query_spots, cache=args.cache)
     spec = TileSpec(args.tile_size, args.tile_mpp)
@@ -95,13 +93,10 @@ def run(args) -> int:
             locations="spots" if query_spots is not None else "tiles", stride_um=args.stride_um,
             scheduler=client, cache=args.cache, progress=True)
     if reference is not None:
-        cell_type_maps(result, reference, args.cell_type_key)
+        predict_cell_types(result, reference, args.cell_type_key)
     result.write_h5ad(args.out)
     if args.sdata_out:
         query.write(args.sdata_out)
     print(f"{result.n_obs} {'spots' if query_spots is not None else 'tiles'} x {result.n_vars} "
           f"genes -> {args.out}", file=sys.stderr)
-    return 0
-
-
-__all__ = ["add_parser", "run"]
+    return EXIT_OK

@@ -1,0 +1,44 @@
+"""``dflashdeconv ingest``: h5ad / SpatialData / GEM / GEF / Visium HD to a spot store."""
+
+from __future__ import annotations
+
+import time
+
+from .common import EXIT_OK, line_progress, print_summary
+
+
+def add_parser(commands):
+    p = commands.add_parser("ingest", help="convert h5ad / SpatialData / GEM / GEF / Visium HD to a spot store",
+                            description="Stream INPUT into a spot store (AnnData zarr, rows in "
+                                        "spatial order), never holding the whole matrix.")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "h5ad", "spatialdata", "gem", "gef", "visium-hd"))
+    p.add_argument("--bin-size", type=int, default=50,
+                   help="GEM/GEF bin size in DNB (default 50)")
+    p.add_argument("--table", help="SpatialData table name")
+    p.add_argument("--spatial-key", default="spatial")
+    p.add_argument("--layer")
+    p.add_argument("--chunk-rows", type=int, help="spots per block (default: from the data)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..engine import ingest
+
+    progress = None if args.quiet else line_progress()
+    start = time.perf_counter()
+    kind = args.format if args.format != "auto" else ingest.guess_format(args.input)
+    options = {"h5ad": dict(spatial_key=args.spatial_key, layer=args.layer),
+               "spatialdata": dict(table=args.table), "gem": dict(bin_size=args.bin_size),
+               "gef": dict(bin_size=args.bin_size)}.get(kind, {})
+    store = ingest.from_path(args.input, args.store, kind, chunk_rows=args.chunk_rows,
+                             progress=progress, **options)
+    print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
+                   ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,}"),
+                   ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows"),
+                   ("time", f"{time.perf_counter() - start:.1f} s")])
+    return EXIT_OK
