@@ -2,8 +2,7 @@
 
 ``prepare_data`` turns a spatial AnnData and a single-cell reference into ``(Y, X,
 coords, cell_type_names, gene_names)`` with the genes both share; ``result_to_anndata``
-writes proportions back (``shared_genes`` and ``params_record`` live in core, where
-the engine uses them too). Every check raises :class:`~dflashdeconv.errors.InputError`
+writes proportions back. Every check raises :class:`~dflashdeconv.errors.InputError`
 naming the offending key, before any computation.
 """
 
@@ -18,7 +17,7 @@ import pandas as pd
 from scipy import sparse
 
 from .core.genes import shared_genes
-from .core.params import params_record
+from .core.params import renamed
 from .errors import DataWarning, InputError
 from .tables import layer_matrix
 
@@ -30,15 +29,18 @@ UNLABELLED = re.compile(
 )
 
 
-def load_spatial_data(adata, layer: str | None = None, coord_key: str = "spatial"):
+def load_spatial_data(adata, layer: str | None = None, spatial_key: str = "spatial", **deprecated):
     """``(Y, coords, gene_names)`` of a spatial AnnData (``Y`` is not copied).
 
-    Coordinates come from ``obsm[coord_key]``; as fallbacks the reference package's
-    ``obsm['X_spatial']``, ``obs[['x', 'y']]`` or ``obs[['array_row', 'array_col']]``.
+    Coordinates come from ``obsm[spatial_key]`` (``coord_key`` is its deprecated name); as
+    fallbacks the reference package's ``obsm['X_spatial']``, ``obs[['x', 'y']]`` or
+    ``obs[['array_row', 'array_col']]``.
     """
+    spatial_key = renamed("load_spatial_data", deprecated, {"coord_key": "spatial_key"},
+                          {"spatial_key": spatial_key}, {"spatial_key": "spatial"})["spatial_key"]
     Y = layer_matrix(adata, layer, "the spatial AnnData")
-    if coord_key in adata.obsm:
-        coords = np.asarray(adata.obsm[coord_key])
+    if spatial_key in adata.obsm:
+        coords = np.asarray(adata.obsm[spatial_key])
     elif "X_spatial" in adata.obsm:
         coords = np.asarray(adata.obsm["X_spatial"])
     elif {"x", "y"} <= set(adata.obs.columns):
@@ -47,7 +49,7 @@ def load_spatial_data(adata, layer: str | None = None, coord_key: str = "spatial
         coords = adata.obs[["array_row", "array_col"]].to_numpy()
     else:
         raise InputError(
-            f"spatial coordinates missing: no obsm[{coord_key!r}] (obsm has {list(adata.obsm)}) "
+            f"spatial coordinates missing: no obsm[{spatial_key!r}] (obsm has {list(adata.obsm)}) "
             "and no obs x/y columns"
         )
     return Y, coords, np.asarray(adata.var_names)
@@ -113,10 +115,16 @@ def align_genes(Y, X, genes_spatial, genes_ref):
 
 
 def prepare_data(adata_st, adata_ref, cell_type_key: str = "cell_type",
-                 spatial_coord_key: str = "spatial", layer_st: str | None = None,
-                 layer_ref: str | None = None):
-    """``(Y, X, coords, cell_type_names, gene_names)`` ready for ``FlashDeconv.fit``."""
-    Y, coords, genes_st = load_spatial_data(adata_st, layer=layer_st, coord_key=spatial_coord_key)
+                 spatial_key: str = "spatial", layer: str | None = None,
+                 layer_ref: str | None = None, **deprecated):
+    """``(Y, X, coords, cell_type_names, gene_names)`` ready for ``FlashDeconv.fit``
+    (``spatial_coord_key`` and ``layer_st`` are the deprecated names of ``spatial_key``
+    and ``layer``)."""
+    values = renamed("prepare_data", deprecated,
+                     {"spatial_coord_key": "spatial_key", "layer_st": "layer"},
+                     {"spatial_key": spatial_key, "layer": layer}, {"spatial_key": "spatial"})
+    spatial_key, layer = values["spatial_key"], values["layer"]
+    Y, coords, genes_st = load_spatial_data(adata_st, layer=layer, spatial_key=spatial_key)
     X, types, genes_ref = load_reference(adata_ref, cell_type_key=cell_type_key, layer=layer_ref)
     Y, X, genes = align_genes(Y, X, genes_st, genes_ref)
     return Y, X, coords, types, genes
@@ -166,7 +174,7 @@ def to_store(source, path, **kwargs):
     ``source``: an AnnData (in memory or backed), a SpatialData object, or the path of an
     ``.h5ad`` file, a Stereo-seq GEM file (``.gem``/``.gem.gz``) or square-bin GEF file
     (``.gef``; both with ``bin_size=`` 50 by default), a Visium HD binned output folder or a
-    SpatialData ``.zarr`` store (``kind=`` names the format when it cannot be guessed).
+    SpatialData ``.zarr`` store (``format=`` names the format when it cannot be guessed).
     Keyword arguments go to the converter (:mod:`dflashdeconv.engine.ingest`). Returns the
     opened store.
     """

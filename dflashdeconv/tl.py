@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .core.model import FlashDeconv
-from .core.params import params_record
+from .core.params import MODEL_NAMES, params_record, renamed
 from .errors import DataWarning, InputError
 from .io import check_labels, prepare_data, result_to_anndata
 
@@ -18,17 +18,19 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                lambda_spatial="auto", rho_sparsity: float = 0.01, n_hvg: int = 2000,
                n_markers_per_type: int = 50, spatial_method: str = "knn", k_neighbors: int = 6,
                radius: float | None = None, max_iter: int = 1000, tol: float = 1e-4,
-               preprocess: str = "log_cpm", layer_st: str | None = None,
+               preprocess: str = "log_cpm", random_state: int = 0,
+               gene_weighting: str = "expected", layer: str | None = None,
                layer_ref: str | None = None, spatial_key: str = "spatial",
-               key_added: str = "flashdeconv", random_state: int = 0,
-               gene_weighting: str = "expected", copy: bool = False, scheduler=None,
+               key_added: str = "flashdeconv", copy: bool = False, scheduler=None,
                inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
-               progress: bool = True, uncertainty: bool = False):
+               progress: bool = True, uncertainty: bool = False, **deprecated):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
-    Same parameters as :class:`~dflashdeconv.FlashDeconv`; counts are taken from ``.X``
-    or ``layer_st``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are
-    matched by name. The count matrices are read, never modified.
+    The model parameters (``sketch_dim`` ... ``gene_weighting``) are
+    :class:`~dflashdeconv.FlashDeconv`'s, with its defaults. Counts are taken from ``.X``
+    or ``layer``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are matched
+    by name. The count matrices are read, never modified. (``layer_st`` is the deprecated
+    name of ``layer``.)
 
     ``adata_st`` may also be the path or fsspec URL of a spot store (see
     ``dflashdeconv ingest``): the run is then out of core on Dask (``scheduler``: a
@@ -49,6 +51,9 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
       ``obsm[key_added + '_ci_upper']`` (95% sandwich intervals of the proportions) and
       ``obsm[key_added + '_detected']`` (Benjamini-Hochberg detection calls at q = 0.1)
     """
+    arguments = locals()
+    params = {name: arguments[name] for name in MODEL_NAMES if name in arguments}
+    layer = renamed("deconvolve", deprecated, {"layer_st": "layer"}, {"layer": layer})["layer"]
     if isinstance(adata_st, (str, os.PathLike)):
         if uncertainty:
             raise InputError("uncertainty=True is available for in-memory AnnData input only")
@@ -59,20 +64,12 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         return deconvolve_store(
             adata_st, X, types, ref_genes, key_added=key_added, scheduler=scheduler,
             inner_sweeps=inner_sweeps, overwrite=overwrite, resume=resume, progress=progress,
-            sketch_dim=sketch_dim, lambda_spatial=lambda_spatial, rho_sparsity=rho_sparsity,
-            n_hvg=n_hvg, n_markers_per_type=n_markers_per_type, spatial_method=spatial_method,
-            k_neighbors=k_neighbors, radius=radius, max_iter=max_iter, tol=tol,
-            preprocess=preprocess, random_state=random_state, gene_weighting=gene_weighting)
+            **params)
     adata = adata_st.copy() if copy else adata_st
     Y, X, coords, types, _ = prepare_data(adata, adata_ref, cell_type_key=cell_type_key,
-                                          spatial_coord_key=spatial_key, layer_st=layer_st,
+                                          spatial_key=spatial_key, layer=layer,
                                           layer_ref=layer_ref)
-    model = FlashDeconv(sketch_dim=sketch_dim, lambda_spatial=lambda_spatial,
-                        rho_sparsity=rho_sparsity, n_hvg=n_hvg,
-                        n_markers_per_type=n_markers_per_type, spatial_method=spatial_method,
-                        k_neighbors=k_neighbors, radius=radius, max_iter=max_iter, tol=tol,
-                        preprocess=preprocess, random_state=random_state,
-                        gene_weighting=gene_weighting)
+    model = FlashDeconv(**params)
     proportions = model.fit_transform(Y, X, coords, cell_type_names=types)
     result_to_anndata(proportions, adata, types, key_added=key_added)
     adata.obs[f"{key_added}_zero_signal"] = model.zero_signal_
@@ -82,8 +79,6 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         n_iterations=model.info_["n_iterations"], changes=model.info_["changes"],
         n_zero_signal=np.sum(model.zero_signal_))
     if uncertainty:
-        import pandas as pd
-
         uq = model.compute_uncertainty()
         for name in ("ci_lower", "ci_upper", "detected"):
             adata.obsm[f"{key_added}_{name}"] = pd.DataFrame(

@@ -71,7 +71,7 @@ def test_spatialdata_table_with_circle_shapes(spots, tmp_path):
 
     by_path = io.to_store(tmp_path / "sdata.zarr", tmp_path / "by_path.zarr")
     _same_spots(by_path, table.X, xy[::-1], table.obs_names)
-    with pytest.raises(InputError, match="cannot tell the format of .*kind="):
+    with pytest.raises(InputError, match="cannot tell the format of .*format="):
         io.to_store(tmp_path / "counts.csv", tmp_path / "csv.zarr")
 
     # one table over two shapes elements, each row locating its spot in its own element
@@ -87,7 +87,7 @@ def test_spatialdata_table_with_circle_shapes(spots, tmp_path):
         two, region=["left", "right"], region_key="region", instance_key="instance_id")})
     _same_spots(ingest.from_spatialdata(both, tmp_path / "two.zarr"), spots.X, xy, spots.obs_names)
     with pytest.raises(InputError, match="no table 'other'"):
-        ingest.from_spatialdata(sdata, tmp_path / "t.zarr", table="other")
+        ingest.from_spatialdata(sdata, tmp_path / "t.zarr", table_key="other")
 
 
 def test_visium_hd_binned_output(spots, tmp_path):

@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dflashdeconv"
 
 #: Layer of each top-level part of the package: lower numbers are imported by higher ones
 #: ('' is the package's own __init__, whose lazy __getattr__ exposes the namespaces).
-LAYERS = {"errors": 0, "tables": 0, "core": 1, "engine": 2, "histo": 3, "io": 4, "tl": 4,
+LAYERS = {"errors": 0, "tables": 0, "log": 0, "core": 1, "engine": 2, "histo": 3, "io": 4, "tl": 4,
           "pl": 4, "datasets": 4, "metrics": 4, "cli": 5, "": 6}
 #: What core may import besides itself and the standard library: it is math only.
-CORE_THIRD_PARTY = {"numpy", "scipy", "numba"}
+CORE_THIRD_PARTY = {"numpy", "scipy", "numba", "sklearn"}
 
 
 def package_modules(root: Path = PACKAGE) -> dict[str, str]:

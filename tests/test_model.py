@@ -44,7 +44,7 @@ def test_sklearn_parameter_conventions():
     assert model.get_params()["tol"] == 1e-6
     assert model.set_params(k_neighbors=8) is model and model.k_neighbors == 8
     assert "preprocess='pearson'" in repr(model)
-    with pytest.raises(ValueError, match="unknown parameter"):
+    with pytest.raises(ValueError, match="Invalid parameter .bogus."):
         model.set_params(bogus=1)
     FlashDeconv(preprocess="bogus")  # __init__ stores without checking; fit validates
 
@@ -139,15 +139,17 @@ def test_bad_input_raises_a_clear_error(small_problem, case):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"preprocess": "scran"}, "preprocess must be"),
-    ({"gene_weighting": "random"}, "gene_weighting must be"),
-    ({"spatial_method": "delaunay"}, "spatial_method must be"),
+    ({"preprocess": "scran"}, "'preprocess' parameter of FlashDeconv must be a str among"),
+    ({"gene_weighting": "random"}, "'gene_weighting' parameter of FlashDeconv must be"),
+    ({"spatial_method": "delaunay"}, "'spatial_method' parameter of FlashDeconv must be"),
     ({"spatial_method": "radius"}, "needs a positive radius"),
-    ({"lambda_spatial": "big"}, "lambda_spatial"),
-    ({"lambda_spatial": -1.0}, "lambda_spatial"),
-    ({"tol": 0}, "tol must be positive"),
-    ({"k_neighbors": -1}, "k_neighbors"),
-    ({"sketch_dim": 0}, "sketch_dim"),
+    ({"lambda_spatial": "big"}, "'lambda_spatial' parameter"),
+    ({"lambda_spatial": -1.0}, "'lambda_spatial' parameter"),
+    ({"lambda_spatial": float("nan")}, "'lambda_spatial' parameter"),
+    ({"tol": 0}, r"'tol' parameter of FlashDeconv must be a float in the range \(0.0, inf\)"),
+    ({"k_neighbors": -1}, "'k_neighbors' parameter"),
+    ({"sketch_dim": 0}, "'sketch_dim' parameter"),
+    ({"n_hvg": 2.5}, "'n_hvg' parameter of FlashDeconv must be an int"),
 ])
 def test_bad_parameters_raise_before_work(small_problem, params, message):
     Y, X, coords, _ = small_problem

@@ -43,3 +43,56 @@ def line_progress():
             of = f"/{total:,}" if total else ""
             print(f"{stage}: {done:,}{of}", file=sys.stderr, flush=True)
     return report
+
+
+def add_deprecated_flag(parser, old: str, new: str, dest: str, **options) -> None:
+    """Keep ``old`` working as a hidden alias of ``new`` for one release (it stores into
+    ``dest`` and says on stderr that it is deprecated)."""
+    import argparse
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"dflashdeconv: warning: {old} is deprecated and will be removed in the next "
+                  f"release; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+    parser.add_argument(old, dest=dest, action=Deprecated, help=argparse.SUPPRESS,
+                        default=argparse.SUPPRESS, **options)
+
+
+def add_model_options(parser) -> None:
+    """One option per model parameter of the spec (``core.params.MODEL``): the same names,
+    defaults and allowed values as ``FlashDeconv`` and ``tl.deconvolve``."""
+    from ..core.params import MODEL
+
+    group = parser.add_argument_group("model (defaults of flashdeconv 0.2.0)")
+    for p in MODEL:
+        if not p.cli:
+            continue
+        options = {"default": p.default, "help": f"{p.help} (default: %(default)s)",
+                   "dest": p.name}
+        if p.kind == "choice":
+            options["choices"] = p.choices
+        else:
+            options["type"] = {"int": int, "seed": int, "float": float, "optional_float": float,
+                               "auto_or_float": _auto_or_float}[p.kind]
+        group.add_argument(p.flag, **options)
+    add_deprecated_flag(group, "--seed", "--random-state", "random_state", type=int)
+
+
+def _auto_or_float(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"'auto' or a number expected, got {text!r}") from None
+
+
+def model_params(args) -> dict:
+    """The model parameters of parsed arguments, by the spec's names."""
+    from ..core.params import MODEL
+
+    return {p.name: getattr(args, p.name) for p in MODEL if p.cli}

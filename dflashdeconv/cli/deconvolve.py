@@ -6,7 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import EXIT_NOT_CONVERGED, EXIT_OK, print_summary, status
+from .common import (
+    EXIT_NOT_CONVERGED,
+    EXIT_OK,
+    add_deprecated_flag,
+    add_model_options,
+    model_params,
+    print_summary,
+    status,
+)
 
 
 def add_parser(commands):
@@ -18,7 +26,10 @@ def add_parser(commands):
     p.add_argument("spatial", metavar="SPATIAL")
     p.add_argument("reference", metavar="REFERENCE")
     p.add_argument("--cell-type-key", default="cell_type")
-    p.add_argument("--key", default="flashdeconv", help="key_added for the results")
+    p.add_argument("--key-added", default="flashdeconv",
+                   help="key of the results (obsm/KEY, obs/KEY_dominant, uns/KEY_params; "
+                        "default: %(default)s)")
+    add_deprecated_flag(p, "--key", "--key-added", "key_added")
     p.add_argument("--out", help="output .h5ad (h5ad input) or proportions .csv (store input)")
     p.add_argument("--plot", metavar="DIR", help="write dominant-type and proportion maps (PNG)")
     p.add_argument("--layer", help="counts layer of SPATIAL (.h5ad input)")
@@ -28,30 +39,16 @@ def add_parser(commands):
                    help="Dask scheduler address (default: a local cluster)")
     p.add_argument("--inner-sweeps", type=int, default=1,
                    help="solver steps per boundary exchange (store input)")
-    p.add_argument("--overwrite", action="store_true", help="replace results under --key")
+    p.add_argument("--overwrite", action="store_true", help="replace results under --key-added")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run under --key (same inputs and options); "
+                   help="continue an interrupted run under --key-added (same inputs and options); "
                         "starts one if none is recorded")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write 95%% intervals and detection calls (.h5ad input)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(run=run)
     return p
-
-
-def _add_model_options(parser) -> None:
-    group = parser.add_argument_group("model (defaults of flashdeconv 0.2.0)")
-    group.add_argument("--preprocess", default="log_cpm", choices=("log_cpm", "pearson", "raw"))
-    group.add_argument("--gene-weighting", default="expected", choices=("expected", "countsketch"))
-    group.add_argument("--spatial-method", default="knn", choices=("knn", "radius", "grid"))
-    group.add_argument("--k-neighbors", type=int, default=6)
-    group.add_argument("--radius", type=float, default=None)
-    group.add_argument("--lambda-spatial", default="auto", help="'auto' or a number")
-    group.add_argument("--n-hvg", type=int, default=2000)
-    group.add_argument("--n-markers-per-type", type=int, default=50)
-    group.add_argument("--sketch-dim", type=int, default=512)
-    group.add_argument("--tol", type=float, default=1e-4)
-    group.add_argument("--max-iter", type=int, default=1000)
-    group.add_argument("--seed", type=int, default=0, help="CountSketch seed")
 
 
 def _is_store(path: str) -> bool:
@@ -59,38 +56,31 @@ def _is_store(path: str) -> bool:
     return not str(path).endswith(".h5ad")
 
 
-def _model_params(args) -> dict:
-    lam = args.lambda_spatial if args.lambda_spatial == "auto" else float(args.lambda_spatial)
-    return dict(preprocess=args.preprocess, gene_weighting=args.gene_weighting,
-                spatial_method=args.spatial_method, k_neighbors=args.k_neighbors,
-                radius=args.radius, tol=args.tol, max_iter=args.max_iter, lambda_spatial=lam,
-                n_hvg=args.n_hvg, n_markers_per_type=args.n_markers_per_type,
-                sketch_dim=args.sketch_dim, random_state=args.seed)
-
-
 def run(args) -> int:
     from .. import tl
     from ..io import read_anndata
 
     reference = read_anndata(args.reference)
-    params = _model_params(args)
+    params = model_params(args)
+    key = args.key_added
     start = time.perf_counter()
     if _is_store(args.spatial):
         summary = tl.deconvolve(args.spatial, reference, cell_type_key=args.cell_type_key,
-                                key_added=args.key, layer_ref=args.layer_ref,
+                                key_added=key, layer_ref=args.layer_ref,
                                 scheduler=args.scheduler, inner_sweeps=args.inner_sweeps,
                                 overwrite=args.overwrite, resume=args.resume,
-                                progress=not args.quiet, **params)
-        where = f"{args.spatial} (obsm/{args.key}, obs/{args.key}_dominant, uns/{args.key}_params)"
+                                progress=not args.quiet, uncertainty=args.uncertainty,
+                                **params)
+        where = f"{args.spatial} (obsm/{key}, obs/{key}_dominant, uns/{key}_params)"
         n_spots, converged = summary["n_spots"], summary["converged"]
         iterations, types = summary["n_iterations"], summary["cell_type_names"]
         adata = None
         if args.out or args.plot:  # results read from the store once, for both
             from ..io import read_store_view
 
-            adata = read_store_view(args.spatial, args.key)
+            adata = read_store_view(args.spatial, key)
         if args.out:
-            adata.obsm[args.key].to_csv(args.out)
+            adata.obsm[key].to_csv(args.out)
             where += f"; proportions also in {args.out}"
     else:
         if not args.out:
@@ -99,17 +89,17 @@ def run(args) -> int:
             raise InputError("--out OUT.h5ad is needed for an .h5ad input (the input is not modified)")
         adata = read_anndata(args.spatial)
         with status(f"deconvolving {adata.n_obs:,} spots in memory", args.quiet):
-            tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=args.key,
-                          layer_st=args.layer, layer_ref=args.layer_ref,
-                          spatial_key=args.spatial_key, **params)
+            tl.deconvolve(adata, reference, cell_type_key=args.cell_type_key, key_added=key,
+                          layer=args.layer, layer_ref=args.layer_ref,
+                          spatial_key=args.spatial_key, uncertainty=args.uncertainty, **params)
         with status(f"writing {args.out}", args.quiet):
             adata.write_h5ad(args.out)
-        p = adata.uns[f"{args.key}_params"]
+        p = adata.uns[f"{key}_params"]
         n_spots, converged, iterations = adata.n_obs, p["converged"], p["n_iterations"]
         types, where = p["cell_type_names"], args.out
     elapsed = time.perf_counter() - start
     if args.plot:
-        plot_maps(adata, args.key, args.plot)
+        plot_maps(adata, key, args.plot)
         where += f"; maps in {args.plot}"
     print_summary([("spots", f"{n_spots:,}"), ("cell types", f"{len(types)}: {', '.join(types[:8])}"
                     + (" ..." if len(types) > 8 else "")),

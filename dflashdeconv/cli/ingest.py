@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .common import EXIT_OK, line_progress, print_summary
+from .common import EXIT_OK, add_deprecated_flag, line_progress, print_summary
 
 
 def add_parser(commands):
@@ -17,7 +17,8 @@ def add_parser(commands):
                    choices=("auto", "h5ad", "spatialdata", "gem", "gef", "visium-hd"))
     p.add_argument("--bin-size", type=int, default=50,
                    help="GEM/GEF bin size in DNB (default 50)")
-    p.add_argument("--table", help="SpatialData table name")
+    p.add_argument("--table-key", help="SpatialData table name (default: the only table)")
+    add_deprecated_flag(p, "--table", "--table-key", "table_key")
     p.add_argument("--spatial-key", default="spatial")
     p.add_argument("--layer")
     p.add_argument("--chunk-rows", type=int, help="spots per block (default: from the data)")
@@ -33,7 +34,7 @@ def run(args) -> int:
     start = time.perf_counter()
     kind = args.format if args.format != "auto" else ingest.guess_format(args.input)
     options = {"h5ad": dict(spatial_key=args.spatial_key, layer=args.layer),
-               "spatialdata": dict(table=args.table), "gem": dict(bin_size=args.bin_size),
+               "spatialdata": dict(table_key=args.table_key), "gem": dict(bin_size=args.bin_size),
                "gef": dict(bin_size=args.bin_size)}.get(kind, {})
     store = ingest.from_path(args.input, args.store, kind, chunk_rows=args.chunk_rows,
                              progress=progress, **options)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK
+from .common import EXIT_OK, add_deprecated_flag
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -40,7 +40,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--tile-mpp", type=float, default=0.5, help="tile microns per pixel")
     parser.add_argument("--stride-um", type=float, help="grid step in microns (default: tile side)")
     parser.add_argument("--epochs", type=int, help="STFlow training epochs (default: STFlow's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-state", type=int, default=0,
+                        help="seed of STFlow's training and sampling (default: %(default)s)")
+    add_deprecated_flag(parser, "--seed", "--random-state", "random_state", type=int)
     parser.add_argument("--reference", help="single-cell reference .h5ad: add per-tile cell-type "
                                             "proportions (obsm['cell_types'])")
     parser.add_argument("--cell-type-key", default="cell_type")
@@ -82,7 +84,7 @@ def run(args) -> int:
             model = train_expression_model(
                 training, genes=genes, encoder=args.encoder, encoder_weights=args.encoder_weights,
                 genes_within=None if reference is None else reference.var_names,
-                tile_spec=spec, model=STFlow(random_state=args.seed, **(
+                tile_spec=spec, model=STFlow(random_state=args.random_state, **(
                     {} if args.epochs is None else {"epochs": args.epochs})),
                 scheduler=client, cache=args.cache, progress=True)
             if args.save_model:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
+from .params import GRAPH_METHODS
 
-GRAPH_METHODS = ("knn", "radius", "grid")
 
 
 def knn_indices(tree: cKDTree, points: np.ndarray, point_ids: np.ndarray, k: int,

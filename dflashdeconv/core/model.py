@@ -9,10 +9,15 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from ..errors import DataWarning, InputError, NotFittedError
+from sklearn.base import BaseEstimator
+
+from ..errors import DataWarning, InputError
+from ..log import logger, verbose_logging
 from . import genes as gene_selection
-from .graph import GRAPH_METHODS, spatial_graph
-from .preprocess import PREPROCESSINGS, preprocess_reference, spot_gene_scale
+from .estimator import check_fitted, constraints, validate_params
+from .graph import spatial_graph
+from .params import MODEL
+from .preprocess import preprocess_reference, spot_gene_scale
 from .project import SpotTransform, project, selected_gene_sums
 from .solver import auto_lambda, normalize_proportions, objective, scaled_rho, solve
 from .uncertainty import (
@@ -23,7 +28,7 @@ from .uncertainty import (
     one_sided_tests,
 )
 from .validation import as_count_matrix, check_coords, check_projection, check_reference
-from .weights import WEIGHTINGS, build_representation
+from .weights import build_representation
 
 #: Rows per block when a dense spot matrix is streamed through the CSR kernels.
 DENSE_BLOCK_ROWS = 4096
@@ -44,31 +49,37 @@ def csr_chunks(Y):
 
 def fit_parameters(model) -> dict[str, Any]:
     """Validated copy of an estimator's parameters (scikit-learn: checked in ``fit``)."""
-    p = {name: getattr(model, name) for name in FlashDeconv._PARAMS}
-    if isinstance(p["lambda_spatial"], str):
-        if p["lambda_spatial"] != "auto":
-            raise InputError(f"lambda_spatial must be 'auto' or a number >= 0, got {p['lambda_spatial']!r}")
-    elif not (np.isfinite(p["lambda_spatial"]) and p["lambda_spatial"] >= 0):
-        raise InputError(f"lambda_spatial must be 'auto' or a number >= 0, got {p['lambda_spatial']!r}")
-    for name in ("sketch_dim", "n_hvg", "n_markers_per_type", "k_neighbors", "max_iter"):
-        value = p[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
-    if p["sketch_dim"] < 1:
-        raise InputError("sketch_dim must be at least 1")
-    if not (np.isfinite(p["tol"]) and p["tol"] > 0):
-        raise InputError(f"tol must be positive, got {p['tol']!r}")
-    if not (np.isfinite(p["rho_sparsity"]) and p["rho_sparsity"] >= 0):
-        raise InputError(f"rho_sparsity must be >= 0, got {p['rho_sparsity']!r}")
-    if p["spatial_method"] not in GRAPH_METHODS:
-        raise InputError(f"spatial_method must be one of {GRAPH_METHODS}, got {p['spatial_method']!r}")
-    if p["spatial_method"] == "radius" and (p["radius"] is None or not p["radius"] > 0):
-        raise InputError(f"spatial_method='radius' needs a positive radius, got {p['radius']!r}")
-    if p["preprocess"] not in PREPROCESSINGS:
-        raise InputError(f"preprocess must be one of {PREPROCESSINGS}, got {p['preprocess']!r}")
-    if p["gene_weighting"] not in WEIGHTINGS:
-        raise InputError(f"gene_weighting must be one of {WEIGHTINGS}, got {p['gene_weighting']!r}")
+    p = validate_params(model)
+    if p["spatial_method"] == "radius" and p["radius"] is None:
+        raise InputError("spatial_method='radius' needs a positive radius, got None")
     return p
+
+
+def select_model_genes(moments, X, params) -> np.ndarray:
+    """Step 1 of a fit, shared by the in-memory model and the engine: the genes used
+    (HVGs of the spots' ``moments`` + markers of ``X``)."""
+    return gene_selection.select_genes(moments, X, params["n_hvg"], params["n_markers_per_type"])
+
+
+def penalties(gram: np.ndarray, mean_degree: float, params) -> tuple[float, float]:
+    """``(lambda, rho)`` in the solver's units (the spatial term follows the graph's mean
+    degree when ``lambda_spatial="auto"``)."""
+    lam = (auto_lambda(gram, [mean_degree]) if params["lambda_spatial"] == "auto"
+           else float(params["lambda_spatial"]))
+    return lam, scaled_rho(gram, params["rho_sparsity"])
+
+
+def warn_empty_spots(n_empty: int, n_spots: int, stacklevel: int = 3) -> None:
+    if n_empty:
+        warnings.warn(f"{n_empty} of {n_spots} spots have no counts on the shared genes; their "
+                      "proportions are uniform and flagged as zero signal", DataWarning,
+                      stacklevel=stacklevel)
+
+
+def warn_not_converged(params, final_change: float, stacklevel: int = 3) -> None:
+    warnings.warn(f"the solver did not reach tol={params['tol']} in {params['max_iter']} "
+                  f"iterations (last change {final_change:.2e})", RuntimeWarning,
+                  stacklevel=stacklevel)
 
 
 def build_transform(spot_gene_mean, X, genes, leverage, n_columns, params,
@@ -86,7 +97,7 @@ def build_transform(spot_gene_mean, X, genes, leverage, n_columns, params,
     return SpotTransform.build(n_columns, selected_columns, params["preprocess"], scale, rep)
 
 
-class FlashDeconv:
+class FlashDeconv(BaseEstimator):
     """Spatially regularised cell-type deconvolution (FlashDeconv, Yang, Zhang & Chen 2025).
 
     Parameters and defaults are those of the reference package ``flashdeconv`` 0.2.0, so
@@ -130,9 +141,7 @@ class FlashDeconv:
         ``final_objective``, ``XtX`` (Gram), ``n_neighbors`` and ``timings`` (s per phase).
     """
 
-    _PARAMS = ("sketch_dim", "lambda_spatial", "rho_sparsity", "n_hvg", "n_markers_per_type",
-               "spatial_method", "k_neighbors", "radius", "max_iter", "tol", "preprocess",
-               "random_state", "verbose", "gene_weighting")
+    _parameter_constraints = {p.name: constraints(p) for p in MODEL}
 
     def __init__(self, sketch_dim=512, lambda_spatial="auto", rho_sparsity=0.01, n_hvg=2000,
                  n_markers_per_type=50, spatial_method="knn", k_neighbors=6, radius=None,
@@ -153,25 +162,6 @@ class FlashDeconv:
         self.verbose = verbose
         self.gene_weighting = gene_weighting
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._PARAMS}
-
-    def set_params(self, **params) -> "FlashDeconv":
-        for name, value in params.items():
-            if name not in self._PARAMS:
-                raise ValueError(f"unknown parameter {name!r}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        changed = [f"{n}={getattr(self, n)!r}" for n in self._PARAMS
-                   if getattr(self, n) != type(self)().get_params()[n]]
-        return f"FlashDeconv({', '.join(changed)})"
-
-    def _log(self, message: str) -> None:
-        if self.verbose:
-            print(f"[dflashdeconv] {message}", flush=True)
-
     # ------------------------------------------------------------------ fitting
     def fit(self, Y, X, coords, cell_type_names=None) -> "FlashDeconv":
         """Estimate abundances from spot counts ``Y`` (N x G), profiles ``X`` (K x G).
@@ -185,6 +175,10 @@ class FlashDeconv:
         coords = check_coords(coords, Y.shape[0])
         if Y.shape[0] == 0:
             raise InputError("the spot matrix has no spots")
+        with verbose_logging(params["verbose"]):
+            return self._fit(Y, X, coords, cell_type_names, params)
+
+    def _fit(self, Y, X, coords, cell_type_names, params) -> "FlashDeconv":
         n_spots, n_genes = Y.shape
         timings = {}
 
@@ -192,21 +186,18 @@ class FlashDeconv:
         moments = gene_selection.GeneMoments.zeros(n_genes)
         for _, indptr, indices, data in csr_chunks(Y):
             moments = moments + gene_selection.gene_moments(indptr, indices, data, n_genes)
-        if moments.n_empty:
-            warnings.warn(f"{moments.n_empty} of {n_spots} spots have no counts; their "
-                          "proportions are uniform and flagged in zero_signal_", DataWarning,
-                          stacklevel=2)
-        genes = gene_selection.select_genes(moments, X, params["n_hvg"], params["n_markers_per_type"])
+        warn_empty_spots(moments.n_empty, n_spots, stacklevel=4)
+        genes = select_model_genes(moments, X, params)
         leverage = gene_selection.leverage_scores(X[:, genes])
         timings["gene_selection"] = time.perf_counter() - t0
-        self._log(f"{genes.size} genes selected ({timings['gene_selection']:.2f} s)")
+        logger.info("%d genes selected (%.2f s)", genes.size, timings["gene_selection"])
 
         t0 = time.perf_counter()
         transform = build_transform(moments.raw_mean[genes], X, genes, leverage, n_genes, params)
         H, ysq, totals = self._project(Y, transform, n_spots)
         check_projection(H, ysq)
         timings["projection"] = time.perf_counter() - t0
-        self._log(f"projected to {transform.rep.dim} dimensions ({timings['projection']:.2f} s)")
+        logger.info("projected to %d dimensions (%.2f s)", transform.rep.dim, timings["projection"])
 
         t0 = time.perf_counter()
         A = spatial_graph(coords, params["spatial_method"], params["k_neighbors"], params["radius"])
@@ -214,19 +205,15 @@ class FlashDeconv:
         timings["graph"] = time.perf_counter() - t0
 
         gram = transform.rep.gram
-        lam = (auto_lambda(gram, degree) if params["lambda_spatial"] == "auto"
-               else float(params["lambda_spatial"]))
-        rho = scaled_rho(gram, params["rho_sparsity"])
+        lam, rho = penalties(gram, float(degree.mean()) if degree.size else 0.0, params)
         t0 = time.perf_counter()
         beta, info = solve(H, gram, A, lam, rho, max_iter=params["max_iter"], tol=params["tol"],
                            callback=self._progress_callback())
         timings["solver"] = time.perf_counter() - t0
-        self._log(f"solver: {info['n_iterations']} iterations, converged={info['converged']} "
-                  f"({timings['solver']:.2f} s)")
+        logger.info("solver: %d iterations, converged=%s (%.2f s)", info["n_iterations"],
+                    info["converged"], timings["solver"])
         if not info["converged"]:
-            warnings.warn(f"the solver did not reach tol={params['tol']} in {params['max_iter']} "
-                          f"iterations (last change {info['final_change']:.2e})", RuntimeWarning,
-                          stacklevel=2)
+            warn_not_converged(params, info["final_change"], stacklevel=4)
 
         proportions, all_zero = normalize_proportions(beta)
         info.update(final_objective=objective(beta, H, gram, float(ysq.sum()), A, lam, rho),
@@ -267,13 +254,12 @@ class FlashDeconv:
 
         def report(iteration, change, beta):
             if iteration % 10 == 0:
-                self._log(f"  iteration {iteration}: change {change:.3e}")
+                logger.info("  iteration %d: change %.3e", iteration, change)
         return report
 
     # ------------------------------------------------------------------ results
     def _check_fitted(self) -> None:
-        if not hasattr(self, "beta_"):
-            raise NotFittedError("this FlashDeconv instance is not fitted; call fit() first")
+        check_fitted(self, "beta_")
 
     def get_cell_type_proportions(self) -> np.ndarray:
         self._check_fitted()
@@ -393,18 +379,18 @@ class FlashDeconv:
         final_change = np.zeros(n_bootstrap)
         converged = np.zeros(n_bootstrap, bool)
         transform = self._transform_
-        for b in range(n_bootstrap):
-            if self.preprocess == "pearson":
-                transform = self._resampled_pearson_transform(seed, b)
-            H, _, _ = self._project(self._Y, transform, self.n_spots_, seed=seed, replicate=b)
-            beta, info = solve(H, self.info_["XtX"], self.adjacency_, self.lambda_used_,
-                               self.rho_used_, max_iter=max_iter, tol=tol, beta_init=self.beta_)
-            stats.add(normalize_proportions(beta)[0])
-            n_iterations[b], final_change[b] = info["n_iterations"], info["final_change"]
-            converged[b] = info["converged"]
-            if verbose:
-                print(f"[dflashdeconv] bootstrap {b + 1}/{n_bootstrap}: "
-                      f"{info['n_iterations']} iterations", flush=True)
+        with verbose_logging(verbose):
+            for b in range(n_bootstrap):
+                if self.preprocess == "pearson":
+                    transform = self._resampled_pearson_transform(seed, b)
+                H, _, _ = self._project(self._Y, transform, self.n_spots_, seed=seed, replicate=b)
+                beta, info = solve(H, self.info_["XtX"], self.adjacency_, self.lambda_used_,
+                                   self.rho_used_, max_iter=max_iter, tol=tol, beta_init=self.beta_)
+                stats.add(normalize_proportions(beta)[0])
+                n_iterations[b], final_change[b] = info["n_iterations"], info["final_change"]
+                converged[b] = info["converged"]
+                logger.info("bootstrap %d/%d: %d iterations", b + 1, n_bootstrap,
+                            info["n_iterations"])
         if not converged.all():
             warnings.warn(f"{(~converged).sum()} of {n_bootstrap} bootstrap refits did not reach "
                           f"tol={tol} in {max_iter} iterations", RuntimeWarning, stacklevel=2)

@@ -1,6 +1,95 @@
-"""The record of a fit's parameters, shared by the in-memory and the out-of-core paths."""
+"""The FlashDeconv parameters, written once: names, defaults, allowed values and help.
+
+Everything that takes model parameters is built from or tested against :data:`MODEL`:
+``FlashDeconv`` (its ``__init__`` and scikit-learn ``_parameter_constraints``),
+``tl.deconvolve``, the out-of-core engine (which validates through ``FlashDeconv``) and the
+``dflashdeconv deconvolve`` options (generated from it). Plain Python only, so that the
+command line can build its options without loading numpy.
+"""
 
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+GRAPH_METHODS = ("knn", "radius", "grid")
+PREPROCESSINGS = ("log_cpm", "pearson", "raw")
+WEIGHTINGS = ("expected", "countsketch")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One model parameter.
+
+    ``kind``: "int" / "float" (with ``minimum``; ``open_minimum`` excludes it), "choice"
+    (one of ``choices``), "auto_or_float" ("auto" or a float >= ``minimum``),
+    "optional_float" (None or a float > ``minimum``), "bool" or "seed" (an int).
+    """
+
+    name: str
+    default: object
+    kind: str
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+    open_minimum: bool = False
+    cli: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+MODEL = (
+    Parameter("sketch_dim", 512, "int", "CountSketch buckets d (the gene weights of 'expected', "
+              "the sketch size of 'countsketch')", minimum=1),
+    Parameter("lambda_spatial", "auto", "auto_or_float",
+              "graph-Laplacian strength: 'auto' (0.005 x mean Gram diagonal / mean degree) or "
+              "a number >= 0", minimum=0),
+    Parameter("rho_sparsity", 0.01, "float", "L1 penalty as a fraction of the mean Gram "
+              "diagonal", minimum=0),
+    Parameter("n_hvg", 2000, "int", "highly variable genes of the spots kept", minimum=0),
+    Parameter("n_markers_per_type", 50, "int", "marker genes kept per reference cell type",
+              minimum=0),
+    Parameter("spatial_method", "knn", "choice", "spatial graph", choices=GRAPH_METHODS),
+    Parameter("k_neighbors", 6, "int", "neighbours per spot of the knn graph", minimum=0),
+    Parameter("radius", None, "optional_float", "neighbour radius of spatial_method='radius' "
+              "(coordinate units)", minimum=0, open_minimum=True),
+    Parameter("max_iter", 1000, "int", "solver iterations at most", minimum=0),
+    Parameter("tol", 1e-4, "float", "stop when no abundance moves by more than tol x the "
+              "largest abundance in one iteration", minimum=0, open_minimum=True),
+    Parameter("preprocess", "log_cpm", "choice", "preprocessing of spots and reference",
+              choices=PREPROCESSINGS),
+    Parameter("random_state", 0, "seed", "seed of the 'countsketch' hashing (unused by "
+              "'expected')"),
+    Parameter("verbose", False, "bool", "log each phase (logger 'dflashdeconv')", cli=False),
+    Parameter("gene_weighting", "expected", "choice", "gene weighting",
+              choices=WEIGHTINGS),
+)
+
+#: Names of the model parameters, in ``FlashDeconv.__init__`` order.
+MODEL_NAMES = tuple(p.name for p in MODEL)
+DEFAULTS = {p.name: p.default for p in MODEL}
+
+
+def renamed(function: str, kwargs: dict, renames: dict[str, str], values: dict,
+            defaults: dict | None = None) -> dict:
+    """Resolve deprecated keyword names: ``kwargs`` holds what a function received beyond
+    its signature, ``renames`` maps old -> new names, ``values`` the new names' current
+    values and ``defaults`` their defaults (None where absent). Returns ``values`` updated;
+    warns (FutureWarning) for each old name used, and raises TypeError for unknown names or
+    an old name given beside a new name set to something else than its default."""
+    values, defaults = dict(values), defaults or {}
+    for old, value in kwargs.items():
+        if old not in renames:
+            raise TypeError(f"{function}() got an unexpected keyword argument {old!r}")
+        new = renames[old]
+        if values.get(new) != defaults.get(new):
+            raise TypeError(f"{function}() got both {old!r} and its new name {new!r}")
+        warnings.warn(f"{function}(): {old!r} is deprecated and will be removed in the next "
+                      f"release; use {new!r}", FutureWarning, stacklevel=3)
+        values[new] = value
+    return values
 
 
 def params_record(params: dict, *, lambda_used, types, n_genes_used: int, converged: bool,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .genes import LIBRARY_SCALE
+from .params import PREPROCESSINGS
 
-PREPROCESSINGS = ("log_cpm", "pearson", "raw")
 #: Integer codes used inside the numba kernels.
 MODE_CODES = {"log_cpm": 0, "pearson": 1, "raw": 2}
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.params import renamed
 from ..core.validation import check_coords
 from ..errors import InputError
 from ..tables import annotated_centroids, layer_matrix
@@ -126,12 +127,16 @@ def guess_format(path) -> str:
         return "spatialdata"
     raise InputError(f"cannot tell the format of {text} (.h5ad, .gem[.gz], .gef, a Visium HD "
                      "binned folder or a SpatialData .zarr store): name it with --format "
-                     "(command line) or kind= (Python)")
+                     "(command line) or format= (Python)")
 
 
-def from_path(source, path, kind: str | None = None, **kwargs) -> SpotStore:
-    """Spot store from a source file or folder of format ``kind`` (default: guessed)."""
-    kind = kind or guess_format(source)
+def from_path(source, path, format: str | None = None, **kwargs) -> SpotStore:
+    """Spot store from a source file or folder of ``format`` (default: guessed; ``kind`` is
+    its deprecated name)."""
+    if "kind" in kwargs:
+        format = renamed("from_path", {"kind": kwargs.pop("kind")}, {"kind": "format"},
+                         {"format": format})["format"]
+    kind = format or guess_format(source)
     if kind == "spatialdata":
         import spatialdata as sd
 
@@ -174,13 +179,17 @@ def from_h5ad(h5ad_path, path, **kwargs) -> SpotStore:
         adata.file.close()
 
 
-def from_spatialdata(sdata, path, *, table: str | None = None, **kwargs) -> SpotStore:
-    """Spot store from a SpatialData table; coordinates from the table's ``obsm['spatial']``
-    or, failing that, from the centroids of the shapes the table annotates."""
+def from_spatialdata(sdata, path, *, table_key: str | None = None, **kwargs) -> SpotStore:
+    """Spot store from a SpatialData table (``table_key``, default the first; ``table`` is
+    its deprecated name); coordinates from the table's ``obsm['spatial']`` or, failing
+    that, from the centroids of the shapes the table annotates."""
+    if "table" in kwargs:
+        table_key = renamed("from_spatialdata", {"table": kwargs.pop("table")},
+                            {"table": "table_key"}, {"table_key": table_key})["table_key"]
     tables = list(sdata.tables)
     if not tables:
         raise InputError("the SpatialData object has no table")
-    table = table or tables[0]
+    table = table_key or tables[0]
     if table not in sdata.tables:
         raise InputError(f"no table {table!r} in the SpatialData object ({tables})")
     adata = sdata.tables[table]

@@ -15,17 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 
 import numpy as np
 
-from ..core import genes as gene_selection
-from ..core.genes import shared_genes
-from ..core.model import FlashDeconv, build_transform, fit_parameters
+from ..core.genes import leverage_scores, shared_genes
+from ..core.model import (
+    FlashDeconv,
+    build_transform,
+    fit_parameters,
+    penalties,
+    select_model_genes,
+    warn_empty_spots,
+    warn_not_converged,
+)
 from ..core.params import params_record
-from ..core.solver import auto_lambda, scaled_rho
 from ..core.validation import check_reference
-from ..errors import DataWarning
 from . import passes
 from .blocks import build_graph
 from .cluster import connect
@@ -94,16 +98,13 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
         column_map = np.full(store.n_genes, -1, np.int64)
         column_map[store_cols] = np.arange(store_cols.size)
         moments = passes.statistics_pass(client, store, column_map, progress=progress)
-        genes = gene_selection.select_genes(moments, X, params["n_hvg"], params["n_markers_per_type"])
+        genes = select_model_genes(moments, X, params)
         selection = {"genes": genes.tolist(), "raw_mean": moments.raw_mean[genes].tolist(),
                      "n_empty": int(moments.n_empty)}
         record(run_path, selection=selection)
     genes = np.asarray(selection["genes"], np.intp)
-    if selection["n_empty"]:
-        warnings.warn(f"{selection['n_empty']} of {store.n_spots} spots have no counts on the "
-                      "shared genes; their proportions are uniform and flagged", DataWarning,
-                      stacklevel=3)
-    leverage = gene_selection.leverage_scores(X[:, genes])
+    warn_empty_spots(selection["n_empty"], store.n_spots, stacklevel=4)
+    leverage = leverage_scores(X[:, genes])
     transform = build_transform(np.asarray(selection["raw_mean"]), X, genes, leverage,
                                 store.n_genes, params, columns=store_cols)
     timings["statistics"] = time.perf_counter() - t0
@@ -121,9 +122,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     timings["graph"] = time.perf_counter() - t0
 
     gram = transform.rep.gram
-    lam = (auto_lambda(gram, [mean_degree]) if params["lambda_spatial"] == "auto"
-           else float(params["lambda_spatial"]))
-    rho = scaled_rho(gram, params["rho_sparsity"])
+    lam, rho = penalties(gram, mean_degree, params)
     t0 = time.perf_counter()
     problems = client.map(make_problem, graphs, projection, pure=False)
     solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)])
@@ -144,8 +143,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
             bar.close()
     timings["solver"] = time.perf_counter() - t0
     if not solution.converged:
-        warnings.warn(f"the block solver did not reach tol={params['tol']} in "
-                      f"{params['max_iter']} rounds", RuntimeWarning, stacklevel=3)
+        warn_not_converged(params, solution.changes[-1], stacklevel=4)
     ysq = client.map(_part, projection, [1] * len(projection), pure=False)
     totals = client.map(_part, projection, [2] * len(projection), pure=False)
     objective = solver.objective(solution.states, ysq, gram, lam, rho)
