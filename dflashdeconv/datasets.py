@@ -135,8 +135,10 @@ class SyntheticTissue:
 
     Parameters: number of spots, genes and cell types, mean counts per spot (``depth``),
     ``concentration`` of the Dirichlet around the smooth spatial mean (lower = noisier),
-    ``gene_sigma`` the log-normal spread of baseline gene expression (sets sparsity) and
-    ``markers_per_type`` strongly specific genes per type.
+    ``gene_sigma`` the log-normal spread of baseline gene expression (sets sparsity),
+    ``markers_per_type`` strongly specific genes per type and ``platform_sd`` the log-normal
+    spread of gene-wise platform factors that scale the spots' expression but not the
+    reference's (a reference from another technology; 0 = none).
     """
 
     n_spots: int = 2000
@@ -148,6 +150,7 @@ class SyntheticTissue:
     gene_sigma: float = 1.3
     markers_per_type: int = 30
     cells_per_type: int = 60
+    platform_sd: float = 0.0
 
     def __post_init__(self):
         for name in ("n_spots", "n_genes", "n_types", "cells_per_type"):
@@ -186,6 +189,18 @@ class SyntheticTissue:
         profile = base[None, :] * np.exp(log_fold)
         return profile / profile.sum(axis=1, keepdims=True)
 
+    def platform_factors(self) -> np.ndarray:
+        """Gene-wise factors (G,) of the spots' technology relative to the reference's."""
+        return np.exp(self._rng(4).normal(0.0, self.platform_sd, self.n_genes))
+
+    def spot_profiles(self) -> np.ndarray:
+        """The profiles the spots are drawn from: :meth:`profiles` scaled by the platform
+        factors, each row renormalised (the profiles themselves without factors)."""
+        if self.platform_sd == 0:
+            return self.profiles()
+        profile = self.profiles() * self.platform_factors()[None, :]
+        return profile / profile.sum(axis=1, keepdims=True)
+
     def _field(self):
         rng = self._rng(2)
         n_waves = 4
@@ -222,7 +237,7 @@ class SyntheticTissue:
     def counts(self, start: int = 0, stop: int | None = None, *, ids=None) -> sparse.csr_matrix:
         """Spot counts (CSR float32, spots x genes) of ``start:stop`` (or ``ids``)."""
         ids = self._ids(start, stop) if ids is None else np.asarray(ids, np.int64)
-        tables = [_alias_table(p) for p in self.profiles()]
+        tables = [_alias_table(p) for p in self.spot_profiles()]
         alias_prob = np.stack([t[0] for t in tables])
         alias_idx = np.stack([t[1] for t in tables]).astype(np.int64)
         indptr, indices, data = _count_rows(self.proportions(ids=ids), self.spot_depths(ids=ids),
@@ -300,3 +315,45 @@ def synthetic(n_spots: int = 2000, n_genes: int = 3000, n_types: int = 15,
     tissue = SyntheticTissue(n_spots=n_spots, n_genes=n_genes, n_types=n_types, depth=depth,
                              seed=seed, **kwargs)
     return tissue.spots(), tissue.reference()
+
+
+def pseudospots(cells, cell_type_key: str = "cell_type", *, spatial_key: str = "spatial",
+                size: float = 500.0, origin=None, scale: float = 1000.0):
+    """Pseudo-spots with known truth from single-cell spatial data (SDePER's recipe for
+    the STARmap gold standard).
+
+    Cells are binned into ``size`` x ``size`` squares (grid corner ``origin``, default the
+    floor of the smallest coordinates); a square's counts are
+    ``ceil(scale x mean over its cells of (counts / cell total))`` and its truth is the
+    fraction of its cells per type (``obsm['proportions']``, DataFrame). Coordinates are
+    the squares' centres. Returns an AnnData of the non-empty squares.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    counts = sparse.csr_matrix(cells.X, dtype=np.float64)
+    xy = np.asarray(cells.obsm[spatial_key], np.float64)[:, :2]
+    labels = cells.obs[cell_type_key].astype(str).to_numpy()
+    types = np.unique(labels)
+    origin = np.floor(xy.min(axis=0)) if origin is None else np.asarray(origin, np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    normalised = sparse.diags(1.0 / np.maximum(totals, 1.0)) @ counts
+    cell_square = np.floor((xy - origin) / size).astype(np.int64)
+    squares, square_of = np.unique(cell_square, axis=0, return_inverse=True)
+    square_of = square_of.ravel()
+    n = squares.shape[0]
+    member = sparse.csr_matrix((np.ones(square_of.size), (square_of, np.arange(square_of.size))),
+                               shape=(n, square_of.size))
+    n_cells = np.asarray(member.sum(axis=1)).ravel()
+    mean = sparse.diags(1.0 / n_cells) @ member @ normalised
+    spot_counts = sparse.csr_matrix(np.ceil(scale * mean.toarray() - 1e-9))
+    truth = np.zeros((n, types.size))
+    np.add.at(truth, (square_of, np.searchsorted(types, labels)), 1.0)
+    truth /= n_cells[:, None]
+    corners = origin + squares * size
+    names = pd.Index([f"x{x:g}y{y:g}" for x, y in corners])
+    spots = ad.AnnData(spot_counts, obs=pd.DataFrame({"n_cells": n_cells.astype(int)}, index=names),
+                       var=pd.DataFrame(index=cells.var_names))
+    spots.obsm["spatial"] = corners + size / 2
+    spots.obsm["proportions"] = pd.DataFrame(truth, index=names, columns=types)
+    return spots

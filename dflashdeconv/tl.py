@@ -19,15 +19,16 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                n_markers_per_type: int = 50, spatial_method: str = "knn", k_neighbors: int = 6,
                radius: float | None = None, max_iter: int = 1000, tol: float = 1e-4,
                preprocess: str = "log_cpm", random_state: int = 0,
-               gene_weighting: str = "expected", layer: str | None = None,
+               gene_weighting: str = "expected", refine: str = "none", layer: str | None = None,
                layer_ref: str | None = None, spatial_key: str = "spatial",
                key_added: str = "flashdeconv", copy: bool = False, scheduler=None,
                inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
                progress: bool = True, uncertainty: bool = False, **deprecated):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
-    The model parameters (``sketch_dim`` ... ``gene_weighting``) are
-    :class:`~dflashdeconv.FlashDeconv`'s, with its defaults. Counts are taken from ``.X``
+    The model parameters (``sketch_dim`` ... ``refine``) are
+    :class:`~dflashdeconv.FlashDeconv`'s, with its defaults (``refine="auto"`` for the most
+    accurate proportions, see docs/REFINE.md). Counts are taken from ``.X``
     or ``layer``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are matched
     by name. The count matrices are read, never modified. (``layer_st`` is the deprecated
     name of ``layer``.)
@@ -78,6 +79,10 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         n_genes_used=model.gene_idx_.size, converged=model.info_["converged"],
         n_iterations=model.info_["n_iterations"], changes=model.info_["changes"],
         n_zero_signal=np.sum(model.zero_signal_))
+    if hasattr(model, "refine_"):
+        adata.uns[f"{key_added}_params"]["refine_result"] = {
+            k: v for k, v in model.refine_.items() if k not in ("factors", "failed")} | {
+            "n_failed": int(model.refine_["failed"].size)}
     if uncertainty:
         uq = model.compute_uncertainty()
         for name in ("ci_lower", "ci_upper", "detected"):

@@ -74,6 +74,7 @@ def run(args) -> int:
         where = f"{args.spatial} (obsm/{key}, obs/{key}_dominant, uns/{key}_params)"
         n_spots, converged = summary["n_spots"], summary["converged"]
         iterations, types = summary["n_iterations"], summary["cell_type_names"]
+        refined = summary.get("refine_result")
         adata = None
         if args.out or args.plot:  # results read from the store once, for both
             from ..io import read_store_view
@@ -96,18 +97,24 @@ def run(args) -> int:
             adata.write_h5ad(args.out)
         p = adata.uns[f"{key}_params"]
         n_spots, converged, iterations = adata.n_obs, p["converged"], p["n_iterations"]
-        types, where = p["cell_type_names"], args.out
+        types, where, refined = p["cell_type_names"], args.out, p.get("refine_result")
     elapsed = time.perf_counter() - start
     if args.plot:
         plot_maps(adata, key, args.plot)
         where += f"; maps in {args.plot}"
-    print_summary([("spots", f"{n_spots:,}"), ("cell types", f"{len(types)}: {', '.join(types[:8])}"
-                    + (" ..." if len(types) > 8 else "")),
-                   ("time", f"{elapsed:.1f} s"),
-                   ("convergence", f"{'converged' if converged else 'NOT converged'} after "
-                                   f"{iterations} iterations (tol {args.tol:g})"),
-                   ("results", where)])
-    return EXIT_OK if converged else EXIT_NOT_CONVERGED
+    lines = [("spots", f"{n_spots:,}"), ("cell types", f"{len(types)}: {', '.join(types[:8])}"
+              + (" ..." if len(types) > 8 else "")),
+             ("time", f"{elapsed:.1f} s"),
+             ("convergence", f"{'converged' if converged else 'NOT converged'} after "
+                             f"{iterations} iterations (tol {args.tol:g})")]
+    if refined is not None:
+        lines.append(("refinement", f"{refined['mode']}: "
+                      f"{'converged' if refined['converged'] else 'NOT converged'} in "
+                      f"{refined['n_rounds']} rounds, {refined['n_failed']} spots kept the "
+                      "base fit"))
+    print_summary(lines + [("results", where)])
+    ok = converged and (refined is None or refined["ok"])
+    return EXIT_OK if ok else EXIT_NOT_CONVERGED
 
 
 def plot_maps(adata, key: str, folder: str) -> None:

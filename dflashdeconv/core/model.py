@@ -16,6 +16,7 @@ from ..log import logger, verbose_logging
 from . import genes as gene_selection
 from .estimator import check_fitted, constraints, validate_params
 from .graph import spatial_graph
+from . import refine as refine_math
 from .params import MODEL
 from .preprocess import preprocess_reference, spot_gene_scale
 from .project import SpotTransform, project, selected_gene_sums
@@ -127,6 +128,13 @@ class FlashDeconv(BaseEstimator):
         Seed of the ``countsketch`` hashing (unused by ``expected``).
     verbose : bool, default False
     gene_weighting : {"expected", "countsketch"}, default "expected"
+    refine : {"none", "wls", "nb", "auto"}, default "none"
+        A second model on the raw counts of the used genes, warm-started from the fit
+        (:mod:`dflashdeconv.core.refine`, docs/REFINE.md): "nb" weighs every gene by a
+        negative-binomial variance and estimates gene-wise platform factors across all
+        spots; "wls" uses Poisson variances without factors; "auto" is "nb", the most
+        accurate on the benchmarks. Proportions are then fractions of each spot's
+        transcripts; "none" keeps the reference package's result.
 
     Attributes
     ----------
@@ -139,6 +147,10 @@ class FlashDeconv(BaseEstimator):
         their proportions are uniform and carry no information.
     info_ : dict with ``converged``, ``n_iterations``, ``final_change``, ``changes``,
         ``final_objective``, ``XtX`` (Gram), ``n_neighbors`` and ``timings`` (s per phase).
+    refine_ : dict (with ``refine`` other than "none"): the refinement's record
+        (``converged``, ``n_rounds``, ``dispersion``, ``factor_log_sd``, ...), its gene
+        ``factors`` and the indices of ``failed`` spots, which keep the base fit;
+        ``beta_`` stays the base fit's abundances.
     """
 
     _parameter_constraints = {p.name: constraints(p) for p in MODEL}
@@ -146,7 +158,7 @@ class FlashDeconv(BaseEstimator):
     def __init__(self, sketch_dim=512, lambda_spatial="auto", rho_sparsity=0.01, n_hvg=2000,
                  n_markers_per_type=50, spatial_method="knn", k_neighbors=6, radius=None,
                  max_iter=1000, tol=1e-4, preprocess="log_cpm", random_state=0, verbose=False,
-                 gene_weighting="expected"):
+                 gene_weighting="expected", refine="none"):
         self.sketch_dim = sketch_dim
         self.lambda_spatial = lambda_spatial
         self.rho_sparsity = rho_sparsity
@@ -161,6 +173,7 @@ class FlashDeconv(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.gene_weighting = gene_weighting
+        self.refine = refine
 
     # ------------------------------------------------------------------ fitting
     def fit(self, Y, X, coords, cell_type_names=None) -> "FlashDeconv":
@@ -216,6 +229,14 @@ class FlashDeconv(BaseEstimator):
             warn_not_converged(params, info["final_change"], stacklevel=4)
 
         proportions, all_zero = normalize_proportions(beta)
+        self.__dict__.pop("refine_", None)  # a refit without refinement has none
+        if params["refine"] != "none":
+            t0 = time.perf_counter()
+            proportions, self.refine_ = self._refine(Y, X, genes, transform, proportions,
+                                                     totals, params["refine"])
+            timings["refine"] = time.perf_counter() - t0
+            logger.info("refine %r: %s (%.2f s)", self.refine_["mode"], self.refine_,
+                        timings["refine"])
         info.update(final_objective=objective(beta, H, gram, float(ysq.sum()), A, lam, rho),
                     XtX=gram, n_neighbors=degree, timings=timings)
         self.n_spots_, self.n_genes_, self.n_cell_types_ = n_spots, n_genes, X.shape[0]
@@ -233,6 +254,30 @@ class FlashDeconv(BaseEstimator):
         self._transform_ = transform
         self._Y, self._X = Y, X
         return self
+
+    @staticmethod
+    def _refine(Y, X, genes, transform, start, depth, refine) -> tuple[np.ndarray, dict]:
+        """Phase 1 on the subsample, phase 2 on every chunk (core.refine)."""
+        n_spots = Y.shape[0]
+        mode = refine_math.resolve(refine)
+        mu = refine_math.profiles(X, genes)
+        rows = np.flatnonzero(refine_math.in_subsample(np.arange(n_spots), n_spots))
+        subsample = Y[rows][:, genes]
+        positive = depth[depth > 0]
+        depth_range = (float(positive.min()), float(positive.max())) if positive.size else (1.0, 1.0)
+        model = refine_math.fit_global(sparse.csr_matrix(subsample), start[rows], mu, mode,
+                                       depth_range)
+        proportions = np.empty_like(start)
+        failed = np.zeros(n_spots, bool)
+        for row, indptr, indices, data in csr_chunks(Y):
+            stop = row + len(indptr) - 1
+            proportions[row:stop], failed[row:stop] = refine_math.refine_rows(
+                indptr, indices, data, transform.gene_pos, model, start[row:stop])
+        failed_rows = np.flatnonzero(failed)
+        ok = refine_math.warn_refinement(model, failed_rows.size, failed_rows[:5], n_spots,
+                                         stacklevel=6)
+        return proportions, {**model.record(), "ok": ok, "factors": model.factors,
+                             "failed": failed_rows}
 
     def fit_transform(self, Y, X, coords, **kwargs) -> np.ndarray:
         """``fit`` and return the proportions (N x K, rows sum to 1)."""
@@ -260,6 +305,11 @@ class FlashDeconv(BaseEstimator):
     # ------------------------------------------------------------------ results
     def _check_fitted(self) -> None:
         check_fitted(self, "beta_")
+
+    def _check_unrefined(self, what: str) -> None:
+        if hasattr(self, "refine_"):
+            raise InputError(f"{what} describes the base fit, not refine={self.refine!r}; fit "
+                             "with refine='none' for intervals")
 
     def get_cell_type_proportions(self) -> np.ndarray:
         self._check_fitted()
@@ -307,6 +357,7 @@ class FlashDeconv(BaseEstimator):
         These describe count sampling under the fitted model, not reference mismatch.
         """
         self._check_fitted()
+        self._check_unrefined("compute_uncertainty")
         if method not in ("sandwich", "model", "laplace_diag"):
             raise InputError(f"method must be 'sandwich', 'model' or 'laplace_diag', got {method!r}")
         if not 0.0 < alpha < 1.0:
@@ -368,6 +419,7 @@ class FlashDeconv(BaseEstimator):
         the exact percentile interval are kept.
         """
         self._check_fitted()
+        self._check_unrefined("bootstrap_uncertainty")
         if not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
             raise InputError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
         if not 0.0 < alpha < 1.0:

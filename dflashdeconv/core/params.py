@@ -15,6 +15,9 @@ from dataclasses import dataclass
 GRAPH_METHODS = ("knn", "radius", "grid")
 PREPROCESSINGS = ("log_cpm", "pearson", "raw")
 WEIGHTINGS = ("expected", "countsketch")
+#: Refinements of the fit on the raw counts (core.refine); "auto" is the most accurate one.
+REFINEMENTS = ("none", "wls", "nb", "auto")
+AUTO_REFINEMENT = "nb"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ MODEL = (
     Parameter("verbose", False, "bool", "log each phase (logger 'dflashdeconv')", cli=False),
     Parameter("gene_weighting", "expected", "choice", "gene weighting",
               choices=WEIGHTINGS),
+    Parameter("refine", "none", "choice", "refinement on the raw counts after the fit: 'none' "
+              "(the reference package's result), 'wls' (Poisson-weighted NNLS), 'nb' "
+              "(negative-binomial weights and gene platform factors) or 'auto' (= 'nb', the "
+              "most accurate)", choices=REFINEMENTS),
 )
 
 #: Names of the model parameters, in ``FlashDeconv.__init__`` order.

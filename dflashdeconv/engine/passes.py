@@ -17,6 +17,7 @@ from ..core.project import SpotTransform, project
 from ..core.validation import check_projection, check_values
 from ..errors import InputError
 from .progress import track
+from .refine import block_subsample
 from .store import SpotStore, open_zarr
 
 
@@ -53,9 +54,12 @@ def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
     return merge_moments(client.gather(futures))
 
 
-def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str):
-    """Pass (b) on one block: ``(H, ysq, selected_totals)``, written to the run group, the
-    block then marked done (an interrupted block is redone on resume)."""
+def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str,
+                     subsample: bool = False):
+    """Pass (b) on one block: ``(H, ysq, selected_totals, refine subsample or None)``, the
+    first three written to the run group, the block then marked done (an interrupted block
+    is redone on resume). With ``subsample`` the block's spots of the refinement's phase 1
+    are set aside while the block is in memory."""
     indptr, indices, data = store.read_block(block)
     start, stop = store.block_rows(block)
     H, ysq, totals = project(indptr, indices, data, transform, row_offset=start)
@@ -65,23 +69,33 @@ def block_projection(store: SpotStore, block: int, transform: SpotTransform, run
     run["ysq"][start:stop] = ysq
     run["selected_totals"][start:stop] = totals
     run["projected"][block] = True
-    return H, ysq, totals
+    kept = (block_subsample(store, block, indptr, indices, data, transform.gene_pos)
+            if subsample else None)
+    return H, ysq, totals, kept
 
 
-def load_projection(store: SpotStore, block: int, run_path: str):
-    """A block's projection recorded by an earlier, interrupted run."""
+def load_projection(store: SpotStore, block: int, run_path: str, gene_pos=None):
+    """A block's projection recorded by an earlier, interrupted run (the refinement's
+    subsample is read again from the block when ``gene_pos`` is given)."""
     start, stop = store.block_rows(block)
     run = open_zarr(run_path, "r")
+    kept = None
+    if gene_pos is not None:
+        kept = block_subsample(store, block, *store.read_block(block), gene_pos)
     return (np.asarray(run["H"][start:stop]), np.asarray(run["ysq"][start:stop]),
-            np.asarray(run["selected_totals"][start:stop]))
+            np.asarray(run["selected_totals"][start:stop]), kept)
 
 
 def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path: str,
-                    done: np.ndarray, *, progress: bool = True) -> list:
-    """Futures of the per-block ``(H, ysq, totals)``, kept in worker memory for the solver;
-    blocks marked ``done`` are read back instead of recomputed."""
-    futures = [client.submit(load_projection, store, b, run_path, pure=False) if done[b] else
-               client.submit(block_projection, store, b, transform, run_path, pure=False)
+                    done: np.ndarray, *, subsample: bool = False, progress: bool = True) -> list:
+    """Futures of the per-block ``(H, ysq, totals, subsample)``, kept in worker memory for
+    the solver (and the refinement); blocks marked ``done`` are read back instead of
+    recomputed."""
+    gene_pos = transform.gene_pos if subsample else None
+    futures = [client.submit(load_projection, store, b, run_path, gene_pos, pure=False)
+               if done[b] else
+               client.submit(block_projection, store, b, transform, run_path, subsample,
+                             pure=False)
                for b in range(store.n_blocks)]
     track(futures, "pass 2/2 projection", enabled=progress)
     return futures

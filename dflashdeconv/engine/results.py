@@ -132,14 +132,16 @@ def record(run_path: str, **attrs) -> None:
 
 
 def write_block_results(store: SpotStore, run_path: str, block: int, beta: np.ndarray,
-                        totals: np.ndarray) -> int:
-    """One block's rows of ``beta``, proportions, dominant type and zero-signal flag;
-    returns the number of zero-signal spots."""
+                        totals: np.ndarray, refined: np.ndarray | None = None) -> int:
+    """One block's rows of ``beta``, proportions (``refined`` ones if given), dominant type
+    and zero-signal flag; returns the number of zero-signal spots."""
     from ..core.solver import normalize_proportions
 
     start, stop = store.block_rows(block)
     run = open_zarr(run_path, "r+")
     proportions, all_zero = normalize_proportions(beta)
+    if refined is not None:
+        proportions = refined
     run["beta"][start:stop] = beta
     frame = run["staging"]["proportions"]
     for k, name in enumerate(run.attrs["cell_types"]):

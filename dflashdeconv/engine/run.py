@@ -28,12 +28,14 @@ from ..core.model import (
     warn_empty_spots,
     warn_not_converged,
 )
+from ..core.refine import warn_refinement
 from ..core.params import params_record
 from ..core.validation import check_reference
 from . import passes
 from .blocks import build_graph
 from .cluster import connect
 from .lock import StoreLock
+from .refine import refine_store
 from .results import (
     open_run,
     prepare_staging,
@@ -111,8 +113,9 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
 
     t0 = time.perf_counter()
     done = np.asarray(open_zarr(run_path, "r")["projected"][...])
+    refining = params["refine"] != "none"
     projection = passes.projection_pass(client, store, transform, run_path, done,
-                                        progress=progress)
+                                        subsample=refining, progress=progress)
     timings["projection"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -149,11 +152,23 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     objective = solver.objective(solution.states, ysq, gram, lam, rho)
     beta = client.map(beta_of, solution.states, pure=False)
 
+    refined, refine_record = [None] * store.n_blocks, {}
+    if refining:
+        t0 = time.perf_counter()
+        refined, model, failed = refine_store(client, store, X, genes, transform.gene_pos,
+                                              projection, beta, run_path, params["refine"],
+                                              progress=progress)
+        examples = store.obs_names()[failed[:5]] if failed.size else []
+        ok = warn_refinement(model, failed.size, examples, store.n_spots, stacklevel=4)
+        refine_record = {"refine_result": model.record() | {"n_failed": int(failed.size),
+                                                            "ok": ok}}
+        timings["refine"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     prepare_staging(store, key, run_path)
     written = client.map(write_block_results, [store] * store.n_blocks,
                          [run_path] * store.n_blocks, range(store.n_blocks), beta, totals,
-                         pure=False)
+                         refined, pure=False)
     passes.track(written, "writing results", enabled=progress)
     summary = params_record(
         params, lambda_used=lam, types=types, n_genes_used=genes.size,
@@ -166,7 +181,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
         "mean_degree": float(mean_degree),
         "n_spots": int(store.n_spots),
         "n_blocks": int(store.n_blocks),
-    }
+    } | refine_record
     if radius_used is not None:
         summary["radius_used"] = float(radius_used)
     publish(store, key, summary | {"timings": timings})
