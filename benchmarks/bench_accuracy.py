@@ -34,7 +34,7 @@ from scipy import sparse
 
 from dflashdeconv import FlashDeconv
 from dflashdeconv.datasets import SyntheticTissue, pseudospots, starmap_cortex
-from dflashdeconv.io import load_reference, prepare_data
+from dflashdeconv.io import prepare_data
 from dflashdeconv.metrics import pearson, rmse
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "starmap_cortex"

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _inputs import save_inputs
 from _measure import run_report
 from _refenv import reference_command
-from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
 from dflashdeconv.io import load_reference

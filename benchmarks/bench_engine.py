@@ -23,9 +23,9 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+from _inputs import save_inputs
 from _measure import run_report
 from _refenv import reference_command
-from _inputs import save_inputs
 
 from dflashdeconv.datasets import SyntheticTissue
 from dflashdeconv.engine.results import read_results

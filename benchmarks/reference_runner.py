@@ -12,8 +12,8 @@ import sys
 import time
 
 import numpy as np
-from flashdeconv import FlashDeconv
 from _inputs import load_inputs
+from flashdeconv import FlashDeconv
 
 
 def _time_phases():

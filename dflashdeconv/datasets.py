@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 from scipy import sparse
 
-from .core.resample import gamma, next_uniform, poisson, spot_stream
+from .core.resample import gamma, next_bits, poisson, spot_stream
 
 # Stream ids separating the random draws of the generator (proportions, counts).
 _PROPORTION_STREAM = 1 << 40
@@ -74,42 +74,53 @@ def _dirichlet_rows(mean, concentration, seed, spot_ids):
     return out
 
 
+@njit(cache=True)
+def _type_counts(depth, proportions, state, out):
+    """Molecules of each type in one spot: independent Poisson(depth x proportion) draws."""
+    total = 0
+    for k in range(proportions.shape[0]):
+        state, c = poisson(depth * proportions[k], state)
+        out[k] = np.int64(c)
+        total += out[k]
+    return state, total
+
+
 @njit(parallel=True, cache=True)
 def _count_rows(proportions, depth, alias_prob, alias_idx, seed, spot_ids):
     """CSR (indptr, indices, data) of Poisson(depth x mixture) counts, row by row.
 
-    A spot's total is Poisson(depth_i); each molecule picks a type from the spot's
-    proportions and a gene from that type's profile (alias method): the same law as
-    independent Poisson counts per gene.
+    A spot draws its molecules of each type (Poisson(depth_i x p_ik), independent), then
+    each molecule's gene from that type's profile by the alias method, from one 64-bit
+    draw (high bits: the column, low bits: the alias test): the same law as independent
+    Poisson counts per gene.
     """
     n, K = proportions.shape
     G = alias_prob.shape[1]
     totals = np.empty(n, np.int64)
     for i in prange(n):
-        state = spot_stream(seed, _COUNT_STREAM, spot_ids[i])
-        state, t = poisson(depth[i], state)
-        totals[i] = np.int64(t)
+        per_type = np.empty(K, np.int64)
+        _, totals[i] = _type_counts(depth[i], proportions[i],
+                                    spot_stream(seed, _COUNT_STREAM, spot_ids[i]), per_type)
     bound = np.zeros(n + 1, np.int64)
     for i in range(n):
         bound[i + 1] = bound[i] + min(totals[i], G)
     indices = np.empty(bound[n], np.int32)
     data = np.empty(bound[n], np.float32)
     nnz = np.zeros(n, np.int64)
+    low_mask = np.uint64(0xFFFFFFFF)
+    scale = 1.0 / 4294967296.0
     for i in prange(n):
-        state = spot_stream(seed, _COUNT_STREAM, spot_ids[i])
-        state, _ = poisson(depth[i], state)
+        per_type = np.empty(K, np.int64)
+        state, _ = _type_counts(depth[i], proportions[i],
+                                spot_stream(seed, _COUNT_STREAM, spot_ids[i]), per_type)
         counts = np.zeros(G, np.int64)
-        cumulative = np.cumsum(proportions[i])
-        for _ in range(totals[i]):
-            state, u = next_uniform(state)
-            k = 0
-            while k < K - 1 and u * cumulative[K - 1] >= cumulative[k]:
-                k += 1
-            state, u = next_uniform(state)
-            col = min(int(u * G), G - 1)
-            state, u = next_uniform(state)
-            gene = col if u < alias_prob[k, col] else alias_idx[k, col]
-            counts[gene] += 1
+        for k in range(K):
+            for _ in range(per_type[k]):
+                state, bits = next_bits(state)
+                col = min(np.int64(((bits >> np.uint64(32)) * np.uint64(G)) >> np.uint64(32)), G - 1)
+                u = np.float64(bits & low_mask) * scale
+                gene = col if u < alias_prob[k, col] else alias_idx[k, col]
+                counts[gene] += 1
         q = bound[i]
         for g in range(G):
             if counts[g]:
@@ -244,30 +255,41 @@ class SyntheticTissue:
                                             alias_prob, alias_idx, self.seed, ids)
         return sparse.csr_matrix((data, indices, indptr), shape=(ids.size, self.n_genes))
 
-    def write_store(self, path, chunk_rows: int | None = None, progress=None):
-        """Write the tissue as a spot store, block by block in spatial order.
+    def write_store(self, path, chunk_rows: int | None = None, *, scheduler=None,
+                    overwrite: bool = False, progress=None):
+        """Write the tissue as a spot store in spatial order, its blocks generated and
+        written by the Dask workers in parallel (``scheduler``: a Client, an address or
+        None for a LocalCluster; see :mod:`dflashdeconv.engine.writer`).
 
-        Memory is bounded by one block; every spot is a function of (seed, spot index),
-        so the store holds exactly the spots :meth:`counts` returns, with the true
-        proportions in ``obsm['proportions']`` (columns: :attr:`cell_type_names`). Returns
-        the opened :class:`~dflashdeconv.engine.store.SpotStore`.
+        Every spot is a function of (seed, spot index), so the store holds exactly the
+        spots :meth:`counts` returns, with the true proportions in ``obsm['proportions']``
+        (columns: :attr:`cell_type_names`). An existing ``path`` is refused unless
+        ``overwrite``. Returns the opened :class:`~dflashdeconv.engine.store.SpotStore`.
         """
-        from .engine.store import StoreWriter, choose_chunk_rows, spatial_order
+        from .engine.store import choose_chunk_rows, spatial_order
+        from .engine.writer import StoreTarget, write_store
 
-        coords = self.coords()
-        order = spatial_order(coords)
-        if chunk_rows is None:
-            sample = self.counts(ids=order[: min(2000, self.n_spots)])
-            chunk_rows = choose_chunk_rows(sample.nnz / sample.shape[0])
-        names = np.char.add("spot", np.char.zfill(order.astype(str), 9))
-        writer = StoreWriter(path, names, self.gene_names, coords[order], order, chunk_rows,
-                             source=f"synthetic:{self.__repr__()}")
-        for start in range(0, self.n_spots, chunk_rows):
-            ids = order[start:start + chunk_rows]
-            writer.append(self.counts(ids=ids), obsm={"proportions": self.proportions(ids=ids)})
-            if progress is not None:
-                progress(min(start + chunk_rows, self.n_spots), self.n_spots)
-        return writer.close()
+        with StoreTarget(path, overwrite=overwrite) as target:
+            order = spatial_order(self.coords())
+            if chunk_rows is None:
+                sample = self.counts(ids=order[: min(2000, self.n_spots)])
+                chunk_rows = choose_chunk_rows(sample.nnz / sample.shape[0])
+            blocks = [(order[start:start + chunk_rows],)
+                      for start in range(0, self.n_spots, chunk_rows)]
+            return write_store(target, self.block_rows, blocks, n_spots=self.n_spots,
+                               gene_names=self.gene_names, chunk_rows=chunk_rows, coords_dim=2,
+                               source=f"synthetic:{self.__repr__()}",
+                               obsm={"proportions": ((self.n_types,), np.float64)},
+                               scheduler=scheduler, progress=progress)
+
+    def block_rows(self, ids):
+        """The spots ``ids`` as a block of a store (names, counts, coordinates, truth)."""
+        from .engine.writer import BlockRows
+
+        ids = np.asarray(ids, np.int64)
+        return BlockRows(np.char.add("spot", np.char.zfill(ids.astype(str), 9)), ids,
+                         self.coords(ids=ids), self.counts(ids=ids),
+                         {"proportions": self.proportions(ids=ids)})
 
     def reference(self):
         """Single-cell reference AnnData: negative-binomial cells, ``obs['cell_type']``."""

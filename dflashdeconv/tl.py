@@ -19,14 +19,15 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                n_markers_per_type: int = 50, spatial_method: str = "knn", k_neighbors: int = 6,
                radius: float | None = None, max_iter: int = 1000, tol: float = 1e-4,
                preprocess: str = "log_cpm", random_state: int = 0,
-               gene_weighting: str = "expected", refine: str = "none", layer: str | None = None,
+               gene_weighting: str = "expected", refine: str = "none", n_jobs: int | None = None,
+               layer: str | None = None,
                layer_ref: str | None = None, spatial_key: str = "spatial",
                key_added: str = "flashdeconv", copy: bool = False, scheduler=None,
                inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
                progress: bool = True, uncertainty: bool = False, **deprecated):
     """Cell-type proportions of every spot of ``adata_st`` from the reference ``adata_ref``.
 
-    The model parameters (``sketch_dim`` ... ``refine``) are
+    The model parameters (``sketch_dim`` ... ``n_jobs``) are
     :class:`~dflashdeconv.FlashDeconv`'s, with its defaults (``refine="auto"`` for the most
     accurate proportions, see docs/REFINE.md). Counts are taken from ``.X``
     or ``layer``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are matched

@@ -16,7 +16,8 @@ from dflashdeconv.engine.blocks import build_graph
 from dflashdeconv.engine.ingest import from_anndata
 from dflashdeconv.engine.results import read_results
 from dflashdeconv.engine.run import deconvolve_store
-from dflashdeconv.engine.store import SpotStore, StoreWriter, spatial_order
+from dflashdeconv.engine.store import SpotStore, spatial_order
+from dflashdeconv.engine.writer import BlockRows, StoreTarget, write_store
 from dflashdeconv.errors import InputError
 from dflashdeconv.io import load_reference
 
@@ -193,11 +194,12 @@ def test_bad_counts_in_a_store_name_the_block(dask_client, reference, tmp_path):
     X, types, genes = reference
     counts = TISSUE.counts(0, 600).astype(np.float32)
     counts.data[counts.indptr[400] + 1] = np.nan  # row 400 -> block 1 of 256-row blocks
-    writer = StoreWriter(tmp_path / "nan.zarr", [f"s{i}" for i in range(600)], TISSUE.gene_names,
-                         TISSUE.coords(0, 600), np.arange(600), 256, "test")
-    for start in range(0, 600, 256):
-        writer.append(counts[start:start + 256])
-    store = writer.close()
+    names, coords = np.array([f"s{i}" for i in range(600)]), TISSUE.coords(0, 600)
+    blocks = [(names[s:s + 256], np.arange(s, min(s + 256, 600)), coords[s:s + 256],
+               counts[s:s + 256]) for s in range(0, 600, 256)]
+    store = write_store(StoreTarget(tmp_path / "nan.zarr"), BlockRows, blocks, n_spots=600,
+                        gene_names=TISSUE.gene_names, chunk_rows=256, coords_dim=2,
+                        source="test", scheduler=dask_client)
     with pytest.raises(InputError, match=r"block 1 \(rows 256-511\): counts contains 1 NaN"):
         deconvolve_store(store.path, X, types, genes, scheduler=dask_client, progress=False)
 

@@ -1,11 +1,19 @@
-"""Memory is bounded by the block size, not by the data: a store several times larger than
-a worker's memory limit runs without any worker being restarted or exceeding its limit."""
+"""Memory follows the block size, not the data size.
+
+Four runs on one two-worker LocalCluster with Dask's spilling, pausing and terminating off
+(so that nothing hides growth): two data sizes x two block sizes. The extra resident memory
+of each worker over its idle level, and of the client process, is sampled during each run.
+Doubling the data must not raise the peaks; blocks 8x larger must raise the workers'. The
+first test also runs a store whose counts are several times a worker's memory limit
+without any worker being restarted.
+"""
 
 import logging
 import os
 import threading
 import time
 
+import dask
 import numpy as np
 import psutil
 import pytest
@@ -15,44 +23,108 @@ from dflashdeconv.engine.results import read_results
 from dflashdeconv.engine.run import deconvolve_store
 from dflashdeconv.io import load_reference
 
-LIMIT = 550 * 2**20
+MiB = 2**20
+NO_SPILLING = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
+               "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
+
+
+class Peaks:
+    """Peak RSS above the idle level of each worker process and of this process."""
+
+    def __init__(self, client):
+        self.pids = client.run(os.getpid)
+        self.idle = {a: psutil.Process(p).memory_info().rss for a, p in self.pids.items()}
+        self.idle["client"] = psutil.Process().memory_info().rss
+        self.peak = dict.fromkeys(self.idle, 0)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        processes = {a: psutil.Process(p) for a, p in self.pids.items()}
+        processes["client"] = psutil.Process()
+        while not self._done.is_set():
+            for name, process in processes.items():
+                try:
+                    extra = process.memory_info().rss - self.idle[name]
+                except psutil.NoSuchProcess:
+                    extra = float("inf")
+                self.peak[name] = max(self.peak[name], extra)
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def worker(self) -> float:
+        return max(v for k, v in self.peak.items() if k != "client")
+
+
+@pytest.mark.slow
+def test_peaks_follow_the_block_size_not_the_data_size(tmp_path):
+    from distributed import Client, LocalCluster
+
+    tissues = {n: SyntheticTissue(n_spots=n, n_genes=3000, n_types=10, depth=2000, seed=2)
+               for n in (40_000, 80_000)}
+    X, types, genes = load_reference(tissues[40_000].reference())
+    peaks = {}
+    with dask.config.set(NO_SPILLING), \
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        small = SyntheticTissue(n_spots=3000, n_genes=3000, n_types=10, depth=2000, seed=2)
+        for rows in (1024, 8192):  # the kernels load once, outside the measurement
+            store = small.write_store(tmp_path / f"warm{rows}.zarr", chunk_rows=rows,
+                                      scheduler=client)
+            deconvolve_store(store.path, X, types, genes, scheduler=client, progress=False)
+        pids = client.run(os.getpid)
+        for n, tissue in tissues.items():
+            for rows in (1024, 8192):
+                store = tissue.write_store(tmp_path / f"s{n}_{rows}.zarr", chunk_rows=rows,
+                                           scheduler=client)
+                client.run(lambda: __import__("gc").collect())
+                with Peaks(client) as measured:
+                    deconvolve_store(store.path, X, types, genes, scheduler=client,
+                                     progress=False)
+                peaks[n, rows] = measured
+        assert client.run(os.getpid) == pids  # no worker was restarted
+    report = {key: f"workers +{p.worker / MiB:.0f} MiB, client +{p.peak['client'] / MiB:.0f} MiB"
+              for key, p in peaks.items()}
+    print("peak RSS above idle (spots, block rows):", report)
+    for rows in (1024, 8192):  # twice the data: the peaks do not follow
+        small, large = peaks[40_000, rows], peaks[80_000, rows]
+        assert large.worker < small.worker * 1.25 + 30 * MiB, report
+        assert large.peak["client"] < small.peak["client"] + 40 * MiB, report
+    for n in tissues:  # 8x larger blocks: the workers' peaks follow
+        assert peaks[n, 8192].worker > peaks[n, 1024].worker * 1.5, report
 
 
 @pytest.mark.slow
 def test_store_larger_than_worker_memory(tmp_path):
     from distributed import Client, LocalCluster
 
+    limit = 550 * MiB
     tissue = SyntheticTissue(n_spots=150_000, n_genes=3000, n_types=10, depth=3900, seed=2)
-    store = tissue.write_store(tmp_path / "big.zarr", chunk_rows=2048)
-    counts_bytes = store.nnz * (4 + 4) + 8 * (store.n_spots + 1)  # X in memory, uncompressed
-    assert counts_bytes > 2.5 * LIMIT
-    X, types, genes = load_reference(tissue.reference())
-    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=LIMIT,
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=limit,
                       dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
+        store = tissue.write_store(tmp_path / "big.zarr", chunk_rows=2048, scheduler=client)
+        counts_bytes = store.nnz * (4 + 4) + 8 * (store.n_spots + 1)  # X uncompressed
+        assert counts_bytes > 2.5 * limit
+        X, types, genes = load_reference(tissue.reference())
         pids = client.run(os.getpid)
-        peak = {addr: 0 for addr in pids}
-        done = threading.Event()
-
-        def watch():
-            while not done.is_set():
-                for addr, pid in pids.items():
-                    try:
-                        peak[addr] = max(peak[addr], psutil.Process(pid).memory_info().rss)
-                    except psutil.NoSuchProcess:
-                        peak[addr] = float("inf")
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        summary = deconvolve_store(store.path, X, types, genes, scheduler=client, progress=False)
-        done.set()
-        watcher.join()
+        with Peaks(client) as measured:
+            summary = deconvolve_store(store.path, X, types, genes, scheduler=client,
+                                       progress=False)
         assert client.run(os.getpid) == pids  # no worker was restarted
+        absolute = {a: measured.idle[a] + measured.peak[a] for a in pids}
     assert summary["converged"]
-    print(f"X uncompressed {counts_bytes / 2**20:.0f} MiB; worker limit {LIMIT / 2**20:.0f} MiB; "
-          f"worker peaks {[f'{p / 2**20:.0f} MiB' for p in peak.values()]}")
-    assert max(peak.values()) < LIMIT, {a: f"{p / 2**20:.0f} MiB" for a, p in peak.items()}
+    print(f"X uncompressed {counts_bytes / MiB:.0f} MiB; worker limit {limit / MiB:.0f} MiB; "
+          f"worker peaks {[f'{p / MiB:.0f} MiB' for p in absolute.values()]}")
+    assert max(absolute.values()) < limit, {a: f"{p / MiB:.0f} MiB" for a, p in absolute.items()}
     estimate = read_results(store.path).to_numpy()
     truth = np.asarray(store.root()["obsm"]["proportions"][...])
     assert np.corrcoef(estimate.ravel(), truth.ravel())[0, 1] > 0.95

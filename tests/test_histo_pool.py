@@ -18,7 +18,13 @@ from dflashdeconv.errors import InputError
 from dflashdeconv.histo import pool
 from dflashdeconv.histo.devices import gpu_workers
 from dflashdeconv.histo.predict import predict_expression, train_expression_model
-from dflashdeconv.histo.slide import TileSpec, add_spots, slide_image, spots_table, tile_grid
+from dflashdeconv.histo.slide import (
+    TileSpec,
+    add_spots,
+    slide_image,
+    spots_table,
+    tile_grid,
+)
 from dflashdeconv.histo.stflow import STFlow
 from dflashdeconv.histo.synthetic import synthetic_slide
 from dflashdeconv.tl import predict_cell_types

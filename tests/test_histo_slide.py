@@ -14,7 +14,13 @@ from spatialdata.transformations import Identity, Scale
 
 from dflashdeconv.errors import InputError
 from dflashdeconv.histo import slide as slides
-from dflashdeconv.histo.slide import TileSpec, open_slide, slide_image, spots_table, tile_grid
+from dflashdeconv.histo.slide import (
+    TileSpec,
+    open_slide,
+    slide_image,
+    spots_table,
+    tile_grid,
+)
 from dflashdeconv.histo.synthetic import synthetic_slide
 
 SIZE = 2200

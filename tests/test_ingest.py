@@ -240,5 +240,5 @@ def test_duplicate_barcodes_and_bad_values(spots, tmp_path):
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
     ingest.from_anndata(spots, tmp_path / "e.zarr")
     for target in (tmp_path / "e.zarr", f"file://{tmp_path / 'e.zarr'}"):
-        with pytest.raises(InputError, match="refusing to overwrite"):
+        with pytest.raises(InputError, match="already exists: pass --overwrite"):
             ingest.from_anndata(spots, target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
-from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import InputError, NotFittedError
@@ -35,6 +35,9 @@ def constraints(parameter: Parameter) -> list:
         return ["boolean"]
     if kind == "seed":
         return [Interval(Integral, 0, None, closed="left")]
+    if kind == "jobs":
+        return [Interval(Integral, 1, None, closed="left"),
+                Interval(Integral, None, -1, closed="right"), None]
     raise ValueError(f"unknown parameter kind {kind!r}")
 
 

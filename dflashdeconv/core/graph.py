@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
-from .params import GRAPH_METHODS
 
+from . import threads
+from .params import GRAPH_METHODS
 
 
 def knn_indices(tree: cKDTree, points: np.ndarray, point_ids: np.ndarray, k: int,
@@ -29,7 +30,7 @@ def knn_indices(tree: cKDTree, points: np.ndarray, point_ids: np.ndarray, k: int
     todo = np.arange(len(points))
     m = min(k + 2, n_candidates)
     while todo.size:
-        dist, idx = tree.query(points[todo], k=m, workers=-1)
+        dist, idx = tree.query(points[todo], k=m, workers=threads.current())
         dist = dist.reshape(todo.size, m)
         position = np.minimum(idx.reshape(todo.size, m), n_candidates - 1)
         cand = ids[position]
@@ -84,7 +85,7 @@ def radius_graph(coords: np.ndarray, radius: float) -> sparse.csr_matrix:
 
 def grid_spacing(coords: np.ndarray) -> float:
     """Median distance from each spot to its nearest other spot."""
-    dist, _ = cKDTree(coords).query(coords, k=2, workers=-1)
+    dist, _ = cKDTree(coords).query(coords, k=2, workers=threads.current())
     return float(np.median(dist[:, 1]))
 
 

@@ -8,19 +8,20 @@ from typing import Any
 
 import numpy as np
 from scipy import sparse
-
 from sklearn.base import BaseEstimator
 
 from ..errors import DataWarning, InputError
 from ..log import logger, verbose_logging
 from . import genes as gene_selection
+from . import refine as refine_math
 from .estimator import check_fitted, constraints, validate_params
 from .graph import spatial_graph
-from . import refine as refine_math
 from .params import MODEL
 from .preprocess import preprocess_reference, spot_gene_scale
 from .project import SpotTransform, project, selected_gene_sums
 from .solver import auto_lambda, normalize_proportions, objective, scaled_rho, solve
+from .threads import limit
+from .threads import resolve as resolve_jobs
 from .uncertainty import (
     OrderStatistics,
     active_set_intervals,
@@ -135,6 +136,10 @@ class FlashDeconv(BaseEstimator):
         spots; "wls" uses Poisson variances without factors; "auto" is "nb", the most
         accurate on the benchmarks. Proportions are then fractions of each spot's
         transcripts; "none" keeps the reference package's result.
+    n_jobs : int or None, default None
+        Threads of the kernels (scikit-learn's convention): None or -1 = every core the
+        process may use (its affinity, bounded by a container's CPU quota), -2 = all but
+        one, n > 0 = n.
 
     Attributes
     ----------
@@ -158,7 +163,7 @@ class FlashDeconv(BaseEstimator):
     def __init__(self, sketch_dim=512, lambda_spatial="auto", rho_sparsity=0.01, n_hvg=2000,
                  n_markers_per_type=50, spatial_method="knn", k_neighbors=6, radius=None,
                  max_iter=1000, tol=1e-4, preprocess="log_cpm", random_state=0, verbose=False,
-                 gene_weighting="expected", refine="none"):
+                 gene_weighting="expected", refine="none", n_jobs=None):
         self.sketch_dim = sketch_dim
         self.lambda_spatial = lambda_spatial
         self.rho_sparsity = rho_sparsity
@@ -174,6 +179,7 @@ class FlashDeconv(BaseEstimator):
         self.verbose = verbose
         self.gene_weighting = gene_weighting
         self.refine = refine
+        self.n_jobs = n_jobs
 
     # ------------------------------------------------------------------ fitting
     def fit(self, Y, X, coords, cell_type_names=None) -> "FlashDeconv":
@@ -188,7 +194,7 @@ class FlashDeconv(BaseEstimator):
         coords = check_coords(coords, Y.shape[0])
         if Y.shape[0] == 0:
             raise InputError("the spot matrix has no spots")
-        with verbose_logging(params["verbose"]):
+        with verbose_logging(params["verbose"]), limit(resolve_jobs(params["n_jobs"])):
             return self._fit(Y, X, coords, cell_type_names, params)
 
     def _fit(self, Y, X, coords, cell_type_names, params) -> "FlashDeconv":

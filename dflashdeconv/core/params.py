@@ -26,7 +26,8 @@ class Parameter:
 
     ``kind``: "int" / "float" (with ``minimum``; ``open_minimum`` excludes it), "choice"
     (one of ``choices``), "auto_or_float" ("auto" or a float >= ``minimum``),
-    "optional_float" (None or a float > ``minimum``), "bool" or "seed" (an int).
+    "optional_float" (None or a float > ``minimum``), "bool", "seed" (an int >= 0) or
+    "jobs" (scikit-learn's ``n_jobs``: None, a positive or a negative int).
     """
 
     name: str
@@ -72,7 +73,13 @@ MODEL = (
               "(the reference package's result), 'wls' (Poisson-weighted NNLS), 'nb' "
               "(negative-binomial weights and gene platform factors) or 'auto' (= 'nb', the "
               "most accurate)", choices=REFINEMENTS),
+    Parameter("n_jobs", None, "jobs", "threads of the in-memory kernels: None or -1 = every "
+              "core the process may use, -2 = all but one; out of core each worker's threads "
+              "decide", cli=False),
 )
+
+#: Parameters that change how a fit runs, not its result (left out of a run's fingerprint).
+EXECUTION = ("verbose", "n_jobs")
 
 #: Names of the model parameters, in ``FlashDeconv.__init__`` order.
 MODEL_NAMES = tuple(p.name for p in MODEL)
@@ -104,7 +111,7 @@ def params_record(params: dict, *, lambda_used, types, n_genes_used: int, conver
     """The ``uns[key + '_params']`` record of a run, the same for AnnData and spot stores:
     the model parameters (a missing radius as -1, storable) and how the fit went."""
     return {
-        **{k: v for k, v in params.items() if k not in ("verbose", "radius")},
+        **{k: v for k, v in params.items() if k not in ("verbose", "radius", "n_jobs")},
         "radius": -1.0 if params["radius"] is None else float(params["radius"]),
         "lambda_spatial": float(lambda_used),
         "lambda_spatial_requested": str(params["lambda_spatial"]),

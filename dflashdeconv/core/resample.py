@@ -31,6 +31,13 @@ def spot_stream(seed, replicate, spot):
 
 
 @njit(cache=True)
+def next_bits(state):
+    """(new state, 64 random bits) from a splitmix64 stream."""
+    state = state + _GOLDEN
+    return state, _mix(state)
+
+
+@njit(cache=True)
 def next_uniform(state):
     """(new state, uniform in [0, 1)) from a splitmix64 stream."""
     state = state + _GOLDEN

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from .params import WEIGHTINGS
 
+from .params import WEIGHTINGS
 
 
 def leverage_amplitudes(leverage: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from ..core.graph import knn_indices
+from ..core.threads import current as current_threads
+from .cluster import worker_task
 from .progress import track
 from .store import SpotStore
 
@@ -71,12 +73,13 @@ def box_distance(box_a, box_b) -> float:
     return float(np.sqrt(np.sum(gap**2)))
 
 
+@worker_task
 def own_knn_radius(points: BlockPoints, k: int) -> float:
     """Largest k-th neighbour distance within the block alone (inf if it has <= k spots)."""
     n = len(points.coords)
     if n <= k:
         return float("inf")
-    dist, _ = cKDTree(points.coords).query(points.coords, k=k + 1, workers=1)
+    dist, _ = cKDTree(points.coords).query(points.coords, k=k + 1, workers=current_threads())
     return float(dist[:, k].max())
 
 
@@ -112,6 +115,7 @@ def _knn(points: BlockPoints, others: list[BlockPoints], k: int, radius: float):
     return (cand_rows[position], kth), radius
 
 
+@worker_task
 def knn_edges(points: BlockPoints, others: list[BlockPoints], radius: float, k: int, n_total: int):
     """Directed k-NN edges ``(source rows, target rows)`` of the block's spots, or
     ``{"need": r}`` when the halo must grow to ``r``."""
@@ -124,6 +128,7 @@ def knn_edges(points: BlockPoints, others: list[BlockPoints], radius: float, k: 
     return {"edges": (np.repeat(points.rows, k), found[0].ravel())}
 
 
+@worker_task
 def nearest_distances(points: BlockPoints, others: list[BlockPoints], radius: float, n_total: int):
     """Distance of each spot to its nearest other spot (the ``grid`` spacing statistic)."""
     if n_total < 2:
@@ -132,12 +137,13 @@ def nearest_distances(points: BlockPoints, others: list[BlockPoints], radius: fl
     return {"need": need} if found is None else {"distances": found[1]}
 
 
+@worker_task
 def radius_edges(points: BlockPoints, others: list[BlockPoints], radius: float):
     """All (source row, target row) pairs within ``radius`` for the block's spots."""
     coords, _, rows = _halo(points, others, radius)
     cand_coords = np.concatenate([points.coords, coords])
     cand_rows = np.concatenate([points.rows, rows])
-    lists = cKDTree(cand_coords).query_ball_point(points.coords, r=radius, workers=1)
+    lists = cKDTree(cand_coords).query_ball_point(points.coords, r=radius, workers=current_threads())
     src = np.repeat(points.rows, [len(x) for x in lists])
     dst = cand_rows[np.concatenate(lists).astype(np.int64)] if len(src) else np.empty(0, np.int64)
     keep = src != dst

@@ -7,11 +7,14 @@ GPU workers are ordinary Dask workers that declare the resource ``GPU=1``
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 
 import psutil
+
+from ..core.threads import available_cores, limit
 
 #: Resource name that GPU workers declare.
 GPU_RESOURCE = "GPU"
@@ -24,15 +27,39 @@ GPU_RESOURCE = "GPU"
 WORKER_ENVIRON = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
+def worker_threads() -> int:
+    """Threads a task's kernels may use: the Dask worker's thread count (bounded by the
+    cores the process may use), or every available core outside a worker."""
+    try:
+        from distributed import get_worker
+
+        n_threads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return available_cores()
+    return max(1, min(n_threads, available_cores()))
+
+
+def worker_task(function):
+    """Run ``function`` with its numba kernels limited to :func:`worker_threads` (numba's
+    thread count is per calling thread, so it is set inside the task)."""
+
+    @functools.wraps(function)
+    def task(*args, **kwargs):
+        with limit(worker_threads()):
+            return function(*args, **kwargs)
+
+    return task
+
+
 def local_cluster_options(n_workers: int | None = None, threads_per_worker: int | None = None,
                           memory_limit: int | str | None = None) -> dict:
-    """LocalCluster sizing from the machine: one single-threaded worker per core (numba
-    kernels parallelise inside a task only when a worker has several threads) and the
-    memory the machine has available, split between workers, with a quarter kept back
-    for the client and the OS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n_workers = n_workers or max(1, cores or 1)
-    threads_per_worker = threads_per_worker or max(1, (cores or 1) // n_workers)
+    """LocalCluster sizing from the machine: one single-threaded worker per core the
+    process may use (its affinity and container quota; a task's kernels use its worker's
+    threads) and the memory the machine has available, split between workers, with a
+    quarter kept back for the client and the OS."""
+    cores = available_cores()
+    n_workers = n_workers or cores
+    threads_per_worker = threads_per_worker or max(1, cores // n_workers)
     if memory_limit is None:
         memory_limit = int(psutil.virtual_memory().available * 0.75 / n_workers)
     return {"n_workers": n_workers, "threads_per_worker": threads_per_worker,
@@ -86,7 +113,10 @@ def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_l
     else:
         options = local_cluster_options(n_workers, threads_per_worker, memory_limit)
         options.update(cluster_kwargs)
-        cluster = LocalCluster(processes=True, dashboard_address=":0", **options)
+        options.setdefault("processes", True)
+        if not options["processes"]:
+            options.pop("env")  # thread workers share this process's environment
+        cluster = LocalCluster(dashboard_address=":0", **options)
         client = Client(cluster)
         owns, owns_client = True, True
     if not quiet:

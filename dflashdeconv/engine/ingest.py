@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import gzip
 import tempfile
-from zlib import error as zlib_error
 from collections.abc import Iterator
 from pathlib import Path
+from zlib import error as zlib_error
 
 import numpy as np
 import pandas as pd
@@ -22,12 +22,13 @@ from ..errors import InputError
 from ..tables import annotated_centroids, layer_matrix
 from .store import (
     SpotStore,
-    StoreWriter,
     _hilbert_2d,
     choose_chunk_rows,
     default_scratch,
+    open_zarr,
     spatial_order,
 )
+from .writer import SCRATCH, BlockRows, StoreTarget, check_destination, write_store
 
 #: Source rows read at a time by the converters.
 SOURCE_CHUNK_ROWS = 1 << 16
@@ -58,9 +59,14 @@ def _check_spots(source: str, names, coords) -> np.ndarray:
 
 
 def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, source: str,
-                 chunk_rows: int | None = None, scratch=None, progress=None) -> SpotStore:
+                 chunk_rows: int | None = None, scheduler=None, overwrite: bool = False,
+                 progress=None) -> SpotStore:
     """Write source rows (``chunks`` yields ``(first row, CSR rows)`` in source order) as a
-    spot store sorted along the Hilbert curve; memory is bounded by one chunk/block."""
+    spot store sorted along the Hilbert curve.
+
+    The source is read once, by this process, each chunk split by destination block into
+    the store's scratch; the workers then assemble and write the blocks in parallel
+    (:mod:`~dflashdeconv.engine.writer`). Memory is bounded by one chunk/block."""
     coords = _check_spots(source, obs_names, coords)
     n = coords.shape[0]
     if n == 0:
@@ -68,11 +74,10 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
     order = spatial_order(coords)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    with tempfile.TemporaryDirectory(prefix="dflashdeconv-ingest-",
-                                     dir=scratch or default_scratch(path)) as tmp:
-        tmp = Path(tmp)
-        seen = 0
-        block_files: dict[int, list[Path]] = {}  # scratch files of each block, in source order
+    with StoreTarget(path, overwrite=overwrite) as target:
+        pieces = target.root()[SCRATCH].create_group("pieces")
+        seen, n_genes = 0, len(gene_names)
+        block_pieces: dict[int, list[str]] = {}  # scratch pieces of each block, in source order
         for start, rows in chunks:
             rows = sparse.csr_matrix(rows)
             _check_rows(source, start, rows)
@@ -83,30 +88,43 @@ def write_sorted(path, obs_names, gene_names, coords, chunks: Iterator, *, sourc
             for b in np.unique(bucket):
                 mine = np.flatnonzero(bucket == b)
                 piece = rows[mine]
-                file = tmp / f"b{b}_{start}.npz"
-                np.savez(file, data=piece.data, indices=piece.indices, indptr=piece.indptr,
-                         dest=dest[mine], n_genes=rows.shape[1])
-                block_files.setdefault(int(b), []).append(file)
+                key = f"b{b}_{start}"
+                group = pieces.create_group(key)
+                for name, values in (("data", piece.data), ("indices", piece.indices),
+                                     ("indptr", piece.indptr), ("dest", dest[mine])):
+                    group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                       compressors=None)[...] = values
+                block_pieces.setdefault(int(b), []).append(key)
             seen += rows.shape[0]
             if progress:
                 progress("reading", seen, n)
         if seen != n:
             raise InputError(f"{source}: {seen} count rows for {n} spots")
-        writer = StoreWriter(path, np.asarray(obs_names)[order], gene_names, coords[order],
-                             order, chunk_rows, source)
-        for b in range(-(-n // chunk_rows)):
-            pieces, dest = [], []
-            for file in block_files.get(b, []):
-                with np.load(file) as d:
-                    pieces.append(sparse.csr_matrix((d["data"], d["indices"], d["indptr"]),
-                                                    shape=(d["dest"].size, int(d["n_genes"]))))
-                    dest.append(d["dest"])
-                file.unlink()
-            block = sparse.vstack(pieces, format="csr")
-            writer.append(block[np.argsort(np.concatenate(dest))])
-            if progress:
-                progress("writing", min((b + 1) * chunk_rows, n), n)
-        return writer.close()
+        names, coords = np.asarray(obs_names).astype(str)[order], coords[order]
+        blocks = [(target.work, block_pieces.get(b, []), names[lo:lo + chunk_rows],
+                   order[lo:lo + chunk_rows], coords[lo:lo + chunk_rows], n_genes)
+                  for b, lo in enumerate(range(0, n, chunk_rows))]
+        return write_store(target, _assemble_block, blocks, n_spots=n, gene_names=gene_names,
+                           chunk_rows=chunk_rows, coords_dim=coords.shape[1], source=source,
+                           scheduler=scheduler,
+                           progress=None if progress is None else
+                           (lambda done, total: progress("writing blocks", done, total)))
+
+
+def _assemble_block(work: str, keys: list[str], names, input_rows, coords, n_genes: int):
+    """A block from its scratch pieces, rows in the block's order."""
+    pieces = open_zarr(work, "r")[SCRATCH]["pieces"]
+    parts, dest = [], []
+    for key in keys:
+        group = pieces[key]
+        rows = group["dest"][...]
+        parts.append(sparse.csr_matrix((group["data"][...], group["indices"][...],
+                                        group["indptr"][...]), shape=(rows.size, n_genes)))
+        dest.append(rows)
+    if not parts:
+        return BlockRows(names, input_rows, coords, sparse.csr_matrix((len(names), n_genes)))
+    block = sparse.vstack(parts, format="csr")
+    return BlockRows(names, input_rows, coords, block[np.argsort(np.concatenate(dest))])
 
 
 FORMATS = ("h5ad", "spatialdata", "gem", "gef", "visium-hd")
@@ -465,6 +483,7 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
     ``bin_size`` bins through scratch parquet buckets along the Hilbert curve."""
     import dask.dataframe as dd
 
+    check_destination(path, kwargs.get("overwrite", False))  # before reading the records
     gene_codes: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="dflashdeconv-bins-",
                                      dir=scratch or default_scratch(path)) as tmp:
@@ -512,7 +531,7 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
                 start += rows.shape[0]
 
         return write_sorted(path, obs_names, names[order], coords, chunks(), source=source,
-                            scratch=tmp, progress=progress, **kwargs)
+                            progress=progress, **kwargs)
 
 
 _AGGREGATED_META = pd.DataFrame({"key": pd.Series(dtype=np.int64), "bin": pd.Series(dtype=np.int64),

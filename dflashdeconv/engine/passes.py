@@ -16,6 +16,7 @@ from ..core.genes import GeneMoments, gene_moments
 from ..core.project import SpotTransform, project
 from ..core.validation import check_projection, check_values
 from ..errors import InputError
+from .cluster import worker_task
 from .progress import track
 from .refine import block_subsample
 from .store import SpotStore, open_zarr
@@ -30,6 +31,7 @@ def check_block(store: SpotStore, block: int, indices, data) -> None:
         raise InputError(f"{where}: gene index out of range (corrupt X/indices)")
 
 
+@worker_task
 def block_moments(store: SpotStore, block: int, column_map: np.ndarray) -> GeneMoments:
     """Pass (a) on one block: checked HVG statistics over the mapped columns."""
     indptr, indices, data = store.read_block(block)
@@ -48,12 +50,14 @@ def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
                     progress: bool = True) -> GeneMoments:
     """Gene statistics of the whole store over the columns that ``column_map`` keeps (store
     column -> gene position or -1); bad counts or chunks fail here, before any fit."""
+    [shared] = client.scatter([column_map], hash=False)  # sent once, not with every task
     futures = client.map(block_moments, [store] * store.n_blocks, range(store.n_blocks),
-                         [column_map] * store.n_blocks, pure=False)
+                         [shared] * store.n_blocks, pure=False)
     track(futures, "pass 1/2 gene statistics", enabled=progress)
     return merge_moments(client.gather(futures))
 
 
+@worker_task
 def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str,
                      subsample: bool = False):
     """Pass (b) on one block: ``(H, ysq, selected_totals, refine subsample or None)``, the
@@ -74,6 +78,7 @@ def block_projection(store: SpotStore, block: int, transform: SpotTransform, run
     return H, ysq, totals, kept
 
 
+@worker_task
 def load_projection(store: SpotStore, block: int, run_path: str, gene_pos=None):
     """A block's projection recorded by an earlier, interrupted run (the refinement's
     subsample is read again from the block when ``gene_pos`` is given)."""
@@ -92,9 +97,10 @@ def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path
     the solver (and the refinement); blocks marked ``done`` are read back instead of
     recomputed."""
     gene_pos = transform.gene_pos if subsample else None
+    [shared] = client.scatter([transform], hash=False)  # sent once, not with every task
     futures = [client.submit(load_projection, store, b, run_path, gene_pos, pure=False)
                if done[b] else
-               client.submit(block_projection, store, b, transform, run_path, subsample,
+               client.submit(block_projection, store, b, shared, run_path, subsample,
                              pure=False)
                for b in range(store.n_blocks)]
     track(futures, "pass 2/2 projection", enabled=progress)

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import sparse
 
 from ..core import refine as refine_math
+from .cluster import worker_task
 from .progress import track
 from .store import SpotStore, open_zarr
 
@@ -81,6 +82,7 @@ def recorded_model(run_path: str, mode: str, mu: np.ndarray):
         mode, mu, {name: np.asarray(group[name][...]) for name in group.array_keys()})
 
 
+@worker_task
 def refine_block(store: SpotStore, block: int, gene_pos: np.ndarray,
                  model: refine_math.RefineModel, beta: np.ndarray):
     """Phase 2 on one block: (refined proportions, global rows of failed spots)."""

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .store import SpotStore, _ALL_CHUNKS, fast_codec, local_path, open_zarr
+from .store import _ALL_CHUNKS, SpotStore, fast_codec, local_path, open_zarr
 
 INPUT_KEYS = {"spatial", "input_row", "_index"}
 

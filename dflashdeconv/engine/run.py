@@ -28,8 +28,8 @@ from ..core.model import (
     warn_empty_spots,
     warn_not_converged,
 )
+from ..core.params import EXECUTION, params_record
 from ..core.refine import warn_refinement
-from ..core.params import params_record
 from ..core.validation import check_reference
 from . import passes
 from .blocks import build_graph
@@ -53,7 +53,7 @@ def run_fingerprint(store: SpotStore, X, types, genes, params: dict, inner_sweep
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(X, np.float64).tobytes())
     h.update(json.dumps({"types": [str(t) for t in types], "genes": [str(g) for g in genes],
-                         "params": {k: v for k, v in params.items() if k != "verbose"},
+                         "params": {k: v for k, v in params.items() if k not in EXECUTION},
                          "inner_sweeps": int(inner_sweeps), "n_spots": store.n_spots,
                          "nnz": store.nnz, "chunk_rows": store.chunk_rows},
                         sort_keys=True, default=str).encode())

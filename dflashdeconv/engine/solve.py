@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.solver import sweep
-from .stop import check as check_stop
 from .blocks import BlockGraph
+from .cluster import worker_task
+from .stop import check as check_stop
 from .store import open_zarr
 
 
@@ -60,6 +61,7 @@ def _halo(exports, halo_positions, K):
     return np.concatenate(parts) if parts else np.empty((0, K))
 
 
+@worker_task
 def block_round(problem: BlockProblem, state, gram, lam, rho, inner_sweeps, tol, export_rows,
                 halo_positions, checkpoint, *neighbour_exports):
     """Next state ``(beta, (exported rows, change, size))`` of one block.
@@ -106,6 +108,7 @@ def beta_of(state):
     return state[0]
 
 
+@worker_task
 def block_objective(problem: BlockProblem, state, gram, ysq, lam, rho, halo_positions,
                     *neighbour_exports) -> float:
     """This block's share of the objective (its spots' fidelity, L1 and half of each edge)."""

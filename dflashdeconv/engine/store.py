@@ -14,7 +14,8 @@ Layout (``anndata.read_zarr`` opens it)::
     obsm/spatial                 coordinates (N x 2 or N x 3), chunked by blocks
     uns/dflashdeconv_layout      chunk_rows, source, format version; written last
 
-Results are written under other keys (see :mod:`dflashdeconv.engine.results`).
+Stores are written by :mod:`dflashdeconv.engine.writer`; results are written under other
+keys (see :mod:`dflashdeconv.engine.results`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from scipy import sparse
 
 from ..errors import InputError
 
@@ -244,109 +244,6 @@ class SpotStore:
         if "input_row" not in obs:
             return np.arange(start, stop)
         return np.asarray(obs["input_row"][start:stop])
-
-
-# --------------------------------------------------------------------------- writing stores
-class StoreWriter:
-    """Writes a spot store whose rows arrive in final (spatial) order, block by block.
-
-    The layout attribute is written by :meth:`close` only, so an interrupted conversion
-    leaves a store that :meth:`SpotStore.open` refuses.
-    """
-
-    def __init__(self, path, obs_names, gene_names, coords, input_rows, chunk_rows: int,
-                 source: str, dtype=np.float32):
-        import anndata as ad
-
-        ad.settings.zarr_write_format = 3
-        path = str(path)
-        local = local_path(path)
-        if local is not None and local.exists():
-            raise InputError(f"{path} already exists; refusing to overwrite a store")
-        n = len(obs_names)
-        if coords.shape[0] != n or len(input_rows) != n:
-            raise InputError(f"{coords.shape[0]} coordinates / {len(input_rows)} rows for {n} spots")
-        duplicated = pd.Index(obs_names).duplicated()
-        if duplicated.any():
-            raise InputError(f"duplicate spot names, e.g. {list(pd.Index(obs_names)[duplicated][:3])}")
-        self.path, self.n_spots, self.chunk_rows, self.source = path, n, chunk_rows, source
-        self.n_genes = len(gene_names)
-        root = open_zarr(path, "w")
-        self.root = root
-        from anndata.io import write_elem
-
-        obs = pd.DataFrame({"input_row": np.asarray(input_rows, np.int64),
-                            "block": (np.arange(n) // chunk_rows).astype(np.int32)},
-                           index=pd.Index(np.asarray(obs_names).astype(str)))
-        write_elem(root, "obs", obs)
-        write_elem(root, "var", pd.DataFrame(index=pd.Index(np.asarray(gene_names).astype(str))))
-        obsm = root.create_group("obsm")
-        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        spatial = obsm.create_array("spatial", shape=coords.shape, dtype=np.float64,
-                                    chunks=(chunk_rows, coords.shape[1]), config=_ALL_CHUNKS,
-                                    compressors=fast_codec())
-        spatial[...] = coords
-        spatial.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        for name in ("obsp", "varm", "varp", "layers"):
-            group = root.create_group(name)
-            group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        uns = root.create_group("uns")
-        uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        X = root.create_group("X")
-        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": [n, self.n_genes]})
-        self._data = X.create_array("data", shape=(0,), dtype=dtype, chunks=(NNZ_CHUNK,),
-                                    config=_ALL_CHUNKS, compressors=fast_codec())
-        self._indices = X.create_array("indices", shape=(0,), dtype=np.int32, chunks=(NNZ_CHUNK,),
-                                       config=_ALL_CHUNKS, compressors=fast_codec())
-        self._indptr = [np.zeros(1, np.int64)]
-        self._rows = 0
-        self._nnz = 0
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-
-    def append(self, rows: sparse.csr_matrix, obsm: dict | None = None) -> None:
-        """Append the next rows (CSR with ``n_genes`` columns) and, optionally, the same rows
-        of per-spot ``obsm`` arrays (e.g. known proportions of a synthetic tissue)."""
-        for name, values in (obsm or {}).items():
-            values = np.asarray(values)
-            group = self.root["obsm"]
-            if name not in group:
-                array = group.create_array(name, shape=(self.n_spots, *values.shape[1:]),
-                                           dtype=values.dtype, config=_ALL_CHUNKS,
-                                           chunks=(self.chunk_rows, *values.shape[1:]),
-                                           compressors=fast_codec())
-                array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            group[name][self._rows:self._rows + values.shape[0]] = values
-        if rows.shape[1] != self.n_genes:
-            raise InputError(f"rows with {rows.shape[1]} genes appended to a store of {self.n_genes}")
-        rows = sparse.csr_matrix(rows)
-        rows.sum_duplicates()
-        rows.sort_indices()
-        nnz = rows.nnz
-        if nnz:
-            self._data.append(rows.data.astype(self._data.dtype, copy=False))
-            self._indices.append(rows.indices.astype(np.int32, copy=False))
-        self._indptr.append(rows.indptr[1:].astype(np.int64) + self._nnz)
-        self._nnz += nnz
-        self._rows += rows.shape[0]
-        if self._rows > self.n_spots:
-            raise InputError(f"more rows appended ({self._rows}) than spots ({self.n_spots})")
-
-    def close(self) -> "SpotStore":
-        """Write indptr and the layout (the completion marker) and return the opened store."""
-        if self._rows != self.n_spots:
-            raise InputError(f"{self._rows} rows written for {self.n_spots} spots")
-        indptr = np.concatenate(self._indptr)
-        arr = self.root["X"].create_array("indptr", shape=indptr.shape, dtype=np.int64,
-                                          chunks=(max(self.chunk_rows, 1 << 16),), config=_ALL_CHUNKS,
-                                          compressors=fast_codec())
-        arr[...] = indptr
-        layout = self.root["uns"].create_group(LAYOUT_KEY)
-        layout.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0",
-                             "chunk_rows": int(self.chunk_rows), "format_version": FORMAT_VERSION,
-                             "source": self.source, "n_spots": int(self.n_spots),
-                             "nnz": int(self._nnz)})
-        return SpotStore.open(self.path)
 
 
 def default_scratch(path) -> str:
