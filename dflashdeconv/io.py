@@ -168,6 +168,61 @@ def read_anndata(path: str):
         raise InputError(f"{path} cannot be read as AnnData: {error}") from error
 
 
+def anndata_kind(path, what: str) -> str:
+    """What ``path`` holds, from its layout (read nothing big): ``"store"`` (a spot store),
+    ``"spatialdata"`` (a SpatialData zarr store) or ``"anndata"`` (.h5ad or AnnData zarr).
+    Anything else, or nothing, is an :class:`InputError` naming ``what``."""
+    text = str(path)
+    remote = "://" in text and not text.startswith("file://")
+    if text.endswith(".h5ad"):
+        if not remote and not Path(text).is_file():
+            raise InputError(f"{what} {text} not found")
+        return "anndata"
+    from .engine.store import LAYOUT_KEY, open_zarr
+
+    try:
+        root = open_zarr(text, "r")
+    except Exception as error:  # a file, a folder without zarr metadata, a wrong URL
+        if not remote and not Path(text.removeprefix("file://")).exists():
+            raise InputError(f"{what} {text} not found") from error
+        raise InputError(f"{what} {text} is neither an AnnData (.h5ad, .zarr), a spot store "
+                         "nor a SpatialData .zarr store") from error
+    if "uns" in root and LAYOUT_KEY in root["uns"]:
+        return "store"
+    if "tables" in root or "spatialdata_attrs" in root.attrs or "spatialdata" in root.attrs:
+        return "spatialdata"
+    if root.attrs.get("encoding-type") == "anndata":
+        return "anndata"
+    raise InputError(f"{what} {text} is a zarr store but neither an AnnData, a spot store nor a "
+                     "SpatialData store")
+
+
+def spatialdata_table(sdata, table_key: str | None = None):
+    """``(name, table)`` of a SpatialData object: ``table_key`` or its only table."""
+    tables = list(sdata.tables)
+    if table_key is None:
+        if len(tables) != 1:
+            raise InputError(f"the SpatialData object has {len(tables)} tables ({tables}); "
+                             "name one with table_key= (--table-key)")
+        table_key = tables[0]
+    if table_key not in sdata.tables:
+        raise InputError(f"no table {table_key!r} in the SpatialData object ({tables})")
+    return table_key, sdata.tables[table_key]
+
+
+def proportions_to_obs(adata, key: str = "flashdeconv", prefix: str = "") -> list[str]:
+    """Copy the proportions in ``obsm[key]`` into ``obs`` columns (``prefix + cell type``),
+    the layout ``scanpy.pl.spatial(adata, color="Astrocytes")`` and cell2location users
+    expect (existing columns of those names are replaced). Returns the column names."""
+    if key not in adata.obsm:
+        raise InputError(f"no results under obsm[{key!r}]; run dflashdeconv.tl.deconvolve first")
+    table = adata.obsm[key]
+    columns = [f"{prefix}{c}" for c in table.columns]
+    for name, column in zip(table.columns, columns):
+        adata.obs[column] = table[name].to_numpy()
+    return columns
+
+
 def to_store(source, path, **kwargs):
     """Convert ``source`` to a spot store at ``path`` (a local path or fsspec URL), streaming.
 

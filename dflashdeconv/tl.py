@@ -8,10 +8,12 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from .core.genes import MIN_SHARED_GENES, check_shared_genes
 from .core.model import FlashDeconv
 from .core.params import MODEL_NAMES, params_record, renamed
 from .errors import DataWarning, InputError
-from .io import check_labels, prepare_data, result_to_anndata
+from .io import check_labels, prepare_data, result_to_anndata, spatialdata_table
+from .tables import annotated_centroids
 
 
 def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_dim: int = 512,
@@ -22,6 +24,7 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
                gene_weighting: str = "expected", refine: str = "none", n_jobs: int | None = None,
                layer: str | None = None,
                layer_ref: str | None = None, spatial_key: str = "spatial",
+               table_key: str | None = None, min_shared_genes: int = MIN_SHARED_GENES,
                key_added: str = "flashdeconv", copy: bool = False, scheduler=None,
                inner_sweeps: int = 1, overwrite: bool = False, resume: bool = False,
                progress: bool = True, uncertainty: bool = False, **deprecated):
@@ -31,8 +34,14 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
     :class:`~dflashdeconv.FlashDeconv`'s, with its defaults (``refine="auto"`` for the most
     accurate proportions, see docs/REFINE.md). Counts are taken from ``.X``
     or ``layer``/``layer_ref``, coordinates from ``obsm[spatial_key]``. Genes are matched
-    by name. The count matrices are read, never modified. (``layer_st`` is the deprecated
-    name of ``layer``.)
+    by name; fewer than ``min_shared_genes`` shared genes is an error, a cell type with
+    few genes of its own among them a warning. The count matrices are read, never
+    modified. (``layer_st`` is the deprecated name of ``layer``.)
+
+    ``adata_st`` may be a SpatialData object: its table ``table_key`` (default: its only
+    table) is deconvolved, coordinates from the table's ``obsm[spatial_key]`` or else the
+    centroids of the shapes it annotates, and the results are written into that table
+    (``copy=True`` returns a copy of the table instead).
 
     ``adata_st`` may also be the path or fsspec URL of a spot store (see
     ``dflashdeconv ingest``): the run is then out of core on Dask (``scheduler``: a
@@ -66,11 +75,18 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         return deconvolve_store(
             adata_st, X, types, ref_genes, key_added=key_added, scheduler=scheduler,
             inner_sweeps=inner_sweeps, overwrite=overwrite, resume=resume, progress=progress,
-            **params)
-    adata = adata_st.copy() if copy else adata_st
-    Y, X, coords, types, _ = prepare_data(adata, adata_ref, cell_type_key=cell_type_key,
-                                          spatial_key=spatial_key, layer=layer,
-                                          layer_ref=layer_ref)
+            min_shared_genes=min_shared_genes, **params)
+    source, coords = adata_st, None
+    if hasattr(adata_st, "tables") and hasattr(adata_st, "shapes"):  # SpatialData
+        name, source = spatialdata_table(adata_st, table_key)
+        if spatial_key not in source.obsm:
+            coords = annotated_centroids(adata_st, source, name)
+    adata = source.copy() if copy else source
+    Y, X, data_coords, types, genes = prepare_data(
+        _with_coords(adata, coords, spatial_key), adata_ref, cell_type_key=cell_type_key,
+        spatial_key=spatial_key, layer=layer, layer_ref=layer_ref)
+    check_shared_genes(X, types, min_shared_genes, stacklevel=3)
+    coords = data_coords
     model = FlashDeconv(**params)
     proportions = model.fit_transform(Y, X, coords, cell_type_names=types)
     result_to_anndata(proportions, adata, types, key_added=key_added)
@@ -79,7 +95,8 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
         model.get_params(), lambda_used=model.lambda_used_, types=types,
         n_genes_used=model.gene_idx_.size, converged=model.info_["converged"],
         n_iterations=model.info_["n_iterations"], changes=model.info_["changes"],
-        n_zero_signal=np.sum(model.zero_signal_))
+        n_zero_signal=np.sum(model.zero_signal_)) | {
+        "n_genes_shared": int(len(genes)), "n_spots": int(adata.n_obs)}
     if hasattr(model, "refine_"):
         adata.uns[f"{key_added}_params"]["refine_result"] = {
             k: v for k, v in model.refine_.items() if k not in ("factors", "failed")} | {
@@ -90,6 +107,19 @@ def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_
             adata.obsm[f"{key_added}_{name}"] = pd.DataFrame(
                 uq[name], index=adata.obs_names, columns=[str(t) for t in types])
     return adata if copy else None
+
+
+def _with_coords(adata, coords, spatial_key: str):
+    """``adata``, or a light AnnData over the same counts with ``coords`` (centroids of a
+    SpatialData table's shapes) when given: the caller's table is not touched."""
+    if coords is None:
+        return adata
+    import anndata as ad
+
+    view = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var[[]],
+                      layers=dict(adata.layers))
+    view.obsm[spatial_key] = coords
+    return view
 
 
 def predict_expression(query, training=None, **kwargs):
@@ -109,8 +139,8 @@ def predict_cell_types(expression, reference, cell_type_key: str = "cell_type", 
     """Per-tile cell-type proportions from H&E alone: FlashDeconv on the expression that
     :func:`predict_expression` returned, with a single-cell ``reference``.
 
-    The counts ``expm1(X)`` of ``expression`` (log1p counts) go into :func:`deconvolve`
-    with ``reference`` (genes matched by name; a reference without enough of the panel's
+    The values ``expm1(X)`` of ``expression`` (log1p counts per 10k, or log1p counts) go
+    into :func:`deconvolve` with ``reference`` (genes matched by name; a reference without enough of the panel's
     genes is an error). Writes ``obsm[key_added]``, ``obs[key_added + '_dominant']`` and
     ``uns[key_added + '_params']`` into ``expression`` and returns the proportions.
     """
@@ -132,6 +162,7 @@ def predict_cell_types(expression, reference, cell_type_key: str = "cell_type", 
                         obs=pd.DataFrame(index=expression.obs_names),
                         var=pd.DataFrame(index=panel))
     counts.obsm["spatial"] = np.asarray(expression.obsm["spatial"])
+    deconvolve_params.setdefault("min_shared_genes", max(2, n_types))  # checked above
     deconvolve(counts, reference, cell_type_key=cell_type_key, key_added=key_added,
                **deconvolve_params)
     proportions = counts.obsm[key_added]

@@ -5,7 +5,7 @@ Four runs on one two-worker LocalCluster with Dask's spilling, pausing and termi
 of each worker over its idle level, and of the client process, is sampled during each run.
 Doubling the data must not raise the peaks; blocks 8x larger must raise the workers'. The
 first test also runs a store whose counts are several times a worker's memory limit
-without any worker being restarted.
+without any worker being restarted, each worker's growth a small fraction of it.
 """
 
 import logging
@@ -104,27 +104,36 @@ def test_peaks_follow_the_block_size_not_the_data_size(tmp_path):
 
 @pytest.mark.slow
 def test_store_larger_than_worker_memory(tmp_path):
+    """Counts many times what any worker ever holds, read without restarting a worker.
+
+    The bound is on the growth above each worker's idle level (its kernels compiled by a
+    warm-up run), not on an absolute limit: a cold numba cache alone lifts a fresh worker to
+    ~450 MiB, and a worker paused at a memory limit with nothing to spill would wait forever.
+    """
     from distributed import Client, LocalCluster
 
-    limit = 550 * MiB
     tissue = SyntheticTissue(n_spots=150_000, n_genes=3000, n_types=10, depth=3900, seed=2)
-    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=limit,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
+    X, types, genes = load_reference(tissue.reference())
+    with dask.config.set(NO_SPILLING), \
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        warm = SyntheticTissue(n_spots=3000, n_genes=3000, n_types=10, depth=3900, seed=2)
+        warm_store = warm.write_store(tmp_path / "warm.zarr", chunk_rows=2048, scheduler=client)
+        deconvolve_store(warm_store.path, X, types, genes, scheduler=client, progress=False)
         store = tissue.write_store(tmp_path / "big.zarr", chunk_rows=2048, scheduler=client)
         counts_bytes = store.nnz * (4 + 4) + 8 * (store.n_spots + 1)  # X uncompressed
-        assert counts_bytes > 2.5 * limit
-        X, types, genes = load_reference(tissue.reference())
         pids = client.run(os.getpid)
+        client.run(lambda: __import__("gc").collect())
         with Peaks(client) as measured:
             summary = deconvolve_store(store.path, X, types, genes, scheduler=client,
                                        progress=False)
         assert client.run(os.getpid) == pids  # no worker was restarted
-        absolute = {a: measured.idle[a] + measured.peak[a] for a in pids}
+    growth = measured.worker
+    print(f"X uncompressed {counts_bytes / MiB:.0f} MiB; worker peak growth "
+          f"{growth / MiB:.0f} MiB; client +{measured.peak['client'] / MiB:.0f} MiB")
     assert summary["converged"]
-    print(f"X uncompressed {counts_bytes / MiB:.0f} MiB; worker limit {limit / MiB:.0f} MiB; "
-          f"worker peaks {[f'{p / MiB:.0f} MiB' for p in absolute.values()]}")
-    assert max(absolute.values()) < limit, {a: f"{p / MiB:.0f} MiB" for a, p in absolute.items()}
+    assert counts_bytes > 8 * growth, (counts_bytes / MiB, growth / MiB)
+    assert measured.peak["client"] < counts_bytes / 4
     estimate = read_results(store.path).to_numpy()
     truth = np.asarray(store.root()["obsm"]["proportions"][...])
     assert np.corrcoef(estimate.ravel(), truth.ravel())[0, 1] > 0.95

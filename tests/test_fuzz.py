@@ -70,7 +70,7 @@ def _spots():
 
 
 def _deconvolve_labels(labels):
-    out = tl.deconvolve(_spots(), _labels_reference(labels), copy=True)
+    out = tl.deconvolve(_spots(), _labels_reference(labels), copy=True, min_shared_genes=G)
     return out.obsm["flashdeconv"].to_numpy()
 
 
@@ -117,6 +117,8 @@ CATALOGUE = {
     "NaN reference": (lambda t: fit(X=_with(np.nan, (0, 1), BASE_X)), "reference X contains"),
     "duplicated gene names": (lambda t: tl.deconvolve(
         _spots()[:, [0, 0, 1, 2]], _labels_reference(["a", "b"] * 5)), "duplicate gene names"),
+    "5 shared genes": (lambda t: tl.deconvolve(_spots()[:, :5], _labels_reference(["a", "b"] * 5)),
+                       "only 5 genes are shared"),
     "non-UTF-8 labels": (lambda t: _valid(_deconvolve_labels(
         [b"\xff\xfe".decode("latin-1"), "\u00e9t\u00e9", "\udcff".encode("utf-8", "surrogatepass")
          .decode("latin-1")] * 4), N), None),

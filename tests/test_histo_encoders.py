@@ -15,13 +15,19 @@ from dflashdeconv.histo.encoders import (
     features_key,
     get_encoder,
     register_encoder,
-    vision_transformer,
-    vit_encoder,
 )
 from dflashdeconv.histo.synthetic import GLASS, NUCLEUS, STROMA
+from dflashdeconv.histo.vit import PRESETS, VisionTransformer, ViTConfig, infer_config
 
-TINY_VIT = {"img_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "n_heads": 2,
-            "mlp_ratio": 2.0, "layer_scale": 1e-5}
+#: Tiny randomly initialised ViTs in the layouts of released pathology checkpoints.
+TINY = {
+    "uni-like": ViTConfig(32, 8, 32, 2, 2, 64, 1e-5),
+    "uni2-like": ViTConfig(28, 7, 32, 2, 2, 48, 1e-5, reg_tokens=8, no_embed_class=True,
+                           mlp="swiglu"),
+    "virchow2-like": ViTConfig(28, 7, 32, 3, 2, 40, 1e-5, reg_tokens=4, mlp="swiglu_packed",
+                               pool="cls+mean"),
+    "conch-like": ViTConfig(48, 16, 32, 2, 2, 64, None),
+}
 
 
 def flat_tiles(*colours, size=64, seed=0):
@@ -79,30 +85,88 @@ def test_a_registered_encoder_is_built_by_name():
         encoders._REGISTRY.pop("mean-colour")
 
 
-def test_vit_loads_local_weights_and_reproduces_the_model(tmp_path):
+def tiny_checkpoint(tmp_path, name: str, layout: str):
+    """Write a random ViT of ``TINY[name]`` as a released model would ship it."""
     torch.manual_seed(0)
-    model = vision_transformer(**TINY_VIT).eval()
-    path = tmp_path / "vit.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    encoder = vit_encoder("tiny-vit", TINY_VIT, path)
-    tiles = flat_tiles(NUCLEUS, STROMA, size=48)
-    features = encoder.embed(tiles)
+    model = VisionTransformer(TINY[name]).eval()
+    for p in model.parameters():  # zero-initialised tokens would hide a misplaced position
+        torch.nn.init.normal_(p, std=0.2)
+    state = model.state_dict()
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif layout == "ddp":  # {"state_dict": {"module.…"}}, as DDP training scripts save
+        path = tmp_path / f"{name}.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif layout == "open_clip":  # CONCH: the image trunk inside a CLIP model, a text tower beside
+        path = tmp_path / f"{name}.bin"
+        torch.save({**{f"visual.trunk.{k}": v for k, v in state.items()},
+                    "text.token_embedding.weight": torch.zeros(4, 8)}, path)
+    else:  # timm's pytorch_model.bin, with a classifier head that encoders drop
+        path = tmp_path / f"{name}.bin"
+        torch.save({**state, "head.weight": torch.zeros(3, model.n_features)}, path)
+    return model, path
+
+
+@pytest.mark.parametrize("name,layout", [("uni-like", "timm"), ("uni2-like", "safetensors"),
+                                         ("virchow2-like", "ddp"), ("conch-like", "open_clip")])
+def test_vit_checkpoints_load_from_their_released_layouts(tmp_path, name, layout):
+    model, path = tiny_checkpoint(tmp_path, name, layout)
+    encoder = get_encoder("vit", weights=path, n_heads=2, pool=TINY[name].pool)
+    config = encoder.model.config
+    for field in ("img_size", "patch_size", "dim", "depth", "mlp_hidden", "reg_tokens",
+                  "no_embed_class", "mlp", "class_token"):
+        assert getattr(config, field) == getattr(TINY[name], field), field
+    tiles = flat_tiles(NUCLEUS, STROMA, size=40)
+    features = encoder.embed(tiles, batch_size=1)
     with torch.no_grad():
         expected = model(encoder.transform(torch.from_numpy(tiles))).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
-    assert features.shape == (2, 32) and np.abs(features[0] - features[1]).max() > 1e-3
+    assert features.shape == (2, TINY[name].n_features)
+    assert np.abs(features[0] - features[1]).max() > 1e-2  # the two tiles differ
+    assert encoder.identity != get_encoder("vit", weights=path, n_heads=1,
+                                           pool=TINY[name].pool).identity
+
+
+def test_presets_describe_the_released_architectures():
+    assert {"uni", "uni2-h", "conch", "virchow", "virchow2", "gigapath", "h-optimus-0",
+            "vit"} <= set(available_encoders())
+    assert PRESETS["uni"].dim == 1024 and PRESETS["uni"].n_features == 1024
+    assert PRESETS["virchow2"].n_features == 2560 and PRESETS["uni2-h"].n_features == 1536
+    # a full-size UNI state dict (shapes only, on the meta device) is recognised as UNI
+    with torch.device("meta"):
+        state = VisionTransformer(PRESETS["uni"]).state_dict()
+    inferred = infer_config(state, n_heads=16)
+    assert inferred == PRESETS["uni"]
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path):
-    other = vision_transformer(**{**TINY_VIT, "depth": 3})
-    torch.save(other.state_dict(), tmp_path / "deeper.pt")
-    with pytest.raises(InputError, match=r"does not fit .*unexpected \['blocks.2"):
-        vit_encoder("tiny-vit", TINY_VIT, tmp_path / "deeper.pt")
+    _, path = tiny_checkpoint(tmp_path, "uni-like", "timm")
+    with pytest.raises(InputError, match=r"does not fit 'uni': .*dim 32 in the checkpoint, "
+                                         r"1024 expected"):
+        get_encoder("uni", weights=path)
+    with pytest.raises(InputError, match="not a multiple of n_heads=3"):
+        get_encoder("vit", weights=path, n_heads=3)
+    state = torch.load(path, weights_only=True)
+    state.pop("blocks.1.attn.proj.weight")
+    torch.save(state, tmp_path / "truncated.pt")
+    with pytest.raises(InputError, match=r"missing \['blocks.1.attn.proj.weight'\]"):
+        get_encoder("vit", weights=tmp_path / "truncated.pt")
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "resnet.pt")
+    with pytest.raises(InputError, match="not a timm-style ViT checkpoint"):
+        get_encoder("vit", weights=tmp_path / "resnet.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
     with pytest.raises(InputError, match="not a readable PyTorch weights file"):
-        vit_encoder("tiny-vit", TINY_VIT, tmp_path / "junk.pt")
+        get_encoder("vit", weights=tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        get_encoder("vit", weights=tmp_path / "junk.safetensors")
     with pytest.raises(InputError, match="weights file not found"):
-        vit_encoder("tiny-vit", TINY_VIT, tmp_path / "absent.pt")
+        get_encoder("uni", weights=tmp_path / "absent.pt")
+    with pytest.raises(InputError, match="needs a local weights file"):
+        get_encoder("virchow2")
 
 
 def _timm():
@@ -119,7 +183,7 @@ def test_plain_vit_matches_timm_parameter_names_and_outputs(tmp_path):
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
         init_values=1e-5, num_classes=0).eval()
     torch.save(reference.state_dict(), tmp_path / "timm.pt")
-    encoder = vit_encoder("tiny-vit", TINY_VIT, tmp_path / "timm.pt")
+    encoder = get_encoder("vit", weights=tmp_path / "timm.pt", n_heads=2)
     tiles = flat_tiles(NUCLEUS, size=32)
     with torch.no_grad():
         expected = reference(encoder.transform(torch.from_numpy(tiles))).numpy()
@@ -132,8 +196,11 @@ def test_timm_encoders_need_weights_and_a_working_timm(tmp_path):
     (tmp_path / "w.pt").write_bytes(b"")
     try:
         import timm  # noqa: F401
-    except Exception:  # noqa: BLE001
-        with pytest.raises(InputError, match="needs timm"):
+    except Exception:  # noqa: BLE001 - where timm cannot import, the error says so
+        with pytest.raises(InputError, match="needs timm with a working torchvision"):
+            get_encoder("timm:resnet18", weights=tmp_path / "w.pt")
+    else:  # where it imports, an empty file is a bad checkpoint, named as such
+        with pytest.raises(InputError, match="not a readable PyTorch weights file"):
             get_encoder("timm:resnet18", weights=tmp_path / "w.pt")
 
 

@@ -1,7 +1,8 @@
 """The GPU worker pool and the H&E -> expression -> cell types pipeline on a real cluster.
 
-A SpecCluster of two Nanny workers, one declaring the resource GPU=1 (no CUDA here, so
-it computes on CPU), runs every histology task; the tests check where they land.
+The default cluster of ``connect()`` with one CPU worker and one GPU worker for a faked
+device "0" (declaring the resource GPU=1 and pinned with CUDA_VISIBLE_DEVICES; no CUDA
+here, so it computes on CPU) runs every histology task; the tests check where they land.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import spatialdata as sd
 from conftest import digest
 from spatialdata.models import Image2DModel
 
+from dflashdeconv.engine.cluster import connect, visible_gpus
 from dflashdeconv.errors import InputError
 from dflashdeconv.histo import pool
 from dflashdeconv.histo.devices import gpu_workers
-from dflashdeconv.histo.predict import predict_expression, train_expression_model
+from dflashdeconv.histo.predict import (
+    TOTAL_COUNTS,
+    predict_expression,
+    train_expression_model,
+)
 from dflashdeconv.histo.slide import (
     TileSpec,
     add_spots,
@@ -36,17 +42,33 @@ SPEC = dict(tile_size=32, tile_mpp=2.0)
 
 @pytest.fixture(scope="module")
 def gpu_pool():
-    from distributed import Client, Nanny, Scheduler, SpecCluster
+    with connect(n_workers=1, gpus=["0"], quiet=True) as client:
+        client.wait_for_workers(2)
+        yield client
 
-    workers = {"cpu": {"cls": Nanny, "options": {"nthreads": 1}},
-               "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
-    cluster = SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-                          workers=workers)
-    client = Client(cluster)
-    client.wait_for_workers(2)
-    yield client
-    client.close()
-    cluster.close()
+
+def test_the_default_cluster_starts_one_pinned_worker_per_visible_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert visible_gpus() == ["0", "1"]
+    for hidden in ("", "-1", "NoDevFiles"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-7f3a,GPU-11b2")
+    with connect(n_workers=1, gpus=None, quiet=True) as client:
+        client.wait_for_workers(3)
+        workers = client.scheduler_info()["workers"]
+        pinned = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
+        assert len(workers) == 3 and len(gpu_workers(client)) == 2
+        assert sorted(pinned[a] for a in gpu_workers(client)) == ["GPU-11b2", "GPU-7f3a"]
+        cpu = [a for a in workers if a not in gpu_workers(client)]
+        assert workers[cpu[0]]["resources"] == {} and workers[cpu[0]]["nthreads"] >= 1
+    with pytest.raises(InputError, match="gpus=3 but 2 GPU"):
+        connect(gpus=3, quiet=True)
+    with pytest.raises(InputError, match="GPU workers are processes"):
+        connect(gpus=1, processes=False, quiet=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with connect(n_workers=1, quiet=True) as client:  # no GPU: the CPU-only LocalCluster
+        assert gpu_workers(client) == [] and type(client.cluster).__name__ == "LocalCluster"
 
 
 def make_sdata(seed: int, with_spots: bool = True):
@@ -95,11 +117,8 @@ def test_histology_tasks_land_on_the_gpu_worker(gpu_pool, training, tmp_path):
 
 
 def test_without_gpu_workers_the_same_tasks_run_on_cpu_workers(training, tmp_path):
-    from distributed import Client, LocalCluster
-
     sdata, _ = training[0]
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with connect(n_workers=1, gpus=0, quiet=True) as client:
         assert gpu_workers(client) == []
         _, records = pool.embed_tiles(client, slide_image(sdata), spots_table(sdata).centres[:8],
                                       TileSpec(32, 2.0), cache=tmp_path)
@@ -111,7 +130,8 @@ def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):
     query, _ = make_sdata(3, with_spots=False)
     result = predict_expression(query, model=model, scheduler=gpu_pool, cache=cache, **SPEC)
     grid = tile_grid(slide_image(query), TileSpec(32, 2.0))
-    assert result.shape == (len(grid), 20) and result.var_names.tolist() == model.gene_names_
+    assert model.metadata_["target"] == "cp10k" and model.gene_names_[-1] == TOTAL_COUNTS
+    assert result.shape == (len(grid), 20) and result.var_names.tolist() == model.gene_names_[:-1]
     np.testing.assert_array_equal(result.obsm["spatial"], grid)
     uns = result.uns["stflow"]
     assert uns["workers"] == gpu_workers(gpu_pool) and uns["devices"] == ["cpu"]
@@ -121,7 +141,21 @@ def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):
     result.write_h5ad(cache / "prediction.h5ad")  # the metadata serialises
 
 
-def test_training_and_prediction_at_spots_track_the_truth(trained, gpu_pool, training):
+def _targets(spots, genes):
+    """(log1p CP10k, log1p counts) of ``genes``, as the pipeline trains on them."""
+    counts = np.asarray(spots.X.toarray() if hasattr(spots.X, "toarray") else spots.X, np.float64)
+    panel = counts[:, spots.var_names.get_indexer(genes)]
+    return np.log1p(panel / counts.sum(1, keepdims=True) * 1e4), np.log1p(panel)
+
+
+def _per_gene_r(predicted, observed) -> float:
+    """Mean per-gene Pearson; a constant column scores 0."""
+    return float(np.mean([np.corrcoef(predicted[:, g], observed[:, g])[0, 1]
+                          if predicted[:, g].std() > 0 and observed[:, g].std() > 0 else 0.0
+                          for g in range(predicted.shape[1])]))
+
+
+def test_training_and_prediction_at_spots_track_the_truth(trained, gpu_pool, training, tmp_path):
     model, cache = trained
     before = [digest(spots.X) for _, spots in training]
     query, truth = make_sdata(4)
@@ -129,12 +163,22 @@ def test_training_and_prediction_at_spots_track_the_truth(trained, gpu_pool, tra
                                 cache=cache, **SPEC)
     assert query.tables["stflow"].uns["spatialdata_attrs"]["region"] == "spots"
     assert result.obs_names.tolist() == truth.obs_names.tolist()  # rows are the spots, by name
-    observed = np.log1p(truth[result.obs_names, result.var_names].X)
-    r = [np.corrcoef(result.X[:, g], observed[:, g])[0, 1] for g in range(result.n_vars)]
-    assert np.mean(r) > 0.25
-    training_mean = np.log1p(ad.concat([s for _, s in training])[:, result.var_names].X).mean(0)
-    assert np.mean((result.X - observed) ** 2) < 0.9 * np.mean((training_mean - observed) ** 2)
+    observed, observed_counts = _targets(truth[result.obs_names], result.var_names)
+    assert _per_gene_r(result.X, observed) > 0.2  # the tiny model, on sparse synthetic counts
+    assert _per_gene_r(result.layers["log1p_counts"], observed_counts) > 0.2
     assert model.loss_curve_[-1] < model.loss_curve_[0]
+    # trained on raw log1p counts, the same tiny model beats the training mean's error
+    raw = train_expression_model([s for s, _ in training], genes=20, target="log1p",
+                                 tile_spec=TileSpec(32, 2.0), model=STFlow(**TINY),
+                                 scheduler=gpu_pool, cache=cache)
+    result = predict_expression(query, model=raw, locations="spots", scheduler=gpu_pool,
+                                cache=cache, key_added="raw", **SPEC)
+    assert "log1p_counts" not in result.layers and result.uns["raw"]["target"] == "log1p"
+    _, training_counts = _targets(ad.concat([s for _, s in training]), result.var_names)
+    _, observed_counts = _targets(truth[result.obs_names], result.var_names)
+    assert _per_gene_r(result.X, observed_counts) > 0.25
+    mean_error = np.mean((training_counts.mean(0) - observed_counts) ** 2)
+    assert np.mean((result.X - observed_counts) ** 2) < 0.9 * mean_error
     assert [digest(spots.X) for _, spots in training] == before
 
 
@@ -210,7 +254,9 @@ def test_command_line_predicts_from_files(gpu_pool, tmp_path):
     assert args.run(args) == 0
     result = ad.read_h5ad(tmp_path / "out.h5ad")
     assert result.var_names.tolist() == ["GENE1", "GENE2", "GENE3"] and result.n_obs > 100
-    assert STFlow.load(tmp_path / "model.pt").gene_names_ == ["GENE1", "GENE2", "GENE3"]
+    assert result.layers["log1p_counts"].shape == result.shape
+    assert STFlow.load(tmp_path / "model.pt").gene_names_ == ["GENE1", "GENE2", "GENE3",
+                                                                 TOTAL_COUNTS]
     args = parser.parse_args(["predict-expression", paths[2], "--model", str(tmp_path / "x.pt"),
                               "--out", str(tmp_path / "o.h5ad"), "--reference",
                               str(tmp_path / "absent.h5ad")])

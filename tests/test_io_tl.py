@@ -126,7 +126,7 @@ def test_unknown_like_labels_warn():
     labels[:5] = "Unassigned"
     ref.obs["cell_type"] = pd.Categorical(labels)
     with pytest.warns(DataWarning, match="Unassigned"):
-        tl.deconvolve(st, ref)
+        tl.deconvolve(st, ref, min_shared_genes=6)
 
 
 def test_merfish_reference_with_ambiguous_labels_warns():
@@ -138,10 +138,10 @@ def test_merfish_reference_with_ambiguous_labels_warns():
 def test_layer_and_missing_layer():
     st, ref = _pair()
     st.layers["counts"] = st.X.copy()
-    tl.deconvolve(st, ref, layer_st="counts", key_added="layered")
+    tl.deconvolve(st, ref, layer="counts", key_added="layered", min_shared_genes=6)
     assert "layered" in st.obsm
     with pytest.raises(InputError, match="layer 'raw' not found"):
-        tl.deconvolve(st, ref, layer_st="raw")
+        tl.deconvolve(st, ref, layer="raw")
 
 
 def test_result_to_anndata_shape_check():

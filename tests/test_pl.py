@@ -1,5 +1,6 @@
-"""Plots: rasterisation puts each spot's value in its pixel, every plot writes a PNG made of
-images (not one marker per spot), and missing inputs are named."""
+"""Plots: spots drawn at their size (circles off a grid, squares on one, an image beyond
+max_spots), every plot writes a PNG, axes in micrometres where known, and missing inputs are
+named."""
 
 import anndata as ad
 import matplotlib
@@ -91,13 +92,48 @@ def test_proportion_dominant_and_uncertainty_maps_write_pngs(deconvolved, tmp_pa
 def test_dominant_map_shows_each_spots_dominant_type(deconvolved):
     fig = pl.dominant(deconvolved)
     label = fig.axes[0].get_images()[0].get_array()
-    coords = np.asarray(deconvolved.obsm["spatial"])
+    coords = np.asarray(deconvolved.obsm["spatial"]) * deconvolved.uns["um_per_pixel"]
     proportions = deconvolved.obsm["flashdeconv"].to_numpy()
-    image, _ = pl.raster(coords, proportions)  # same default pixel grid as the plot
+    image, _ = pl.raster(coords, proportions, pl.spacing(coords))  # the plot's grid
     shown = ~np.isnan(image[..., 0])
     assert np.ma.getdata(label)[shown].tolist() == np.argmax(image[shown], axis=1).tolist()
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == list(deconvolved.obsm["flashdeconv"].columns)
+    names = list(deconvolved.obsm["flashdeconv"].columns)
+    assert legend == [names[k] for k in np.unique(np.argmax(proportions, axis=1))]
+    assert fig.axes[0].get_title() == "flashdeconv: dominant cell type"
+    assert fig.axes[0].get_xlabel() == "x (µm)"  # uns['um_per_pixel'] is recorded
+
+
+def test_spots_off_a_grid_are_circles_of_their_size_and_many_are_an_image(tmp_path):
+    from matplotlib.collections import EllipseCollection
+
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(0, 1000, (300, 2))
+    table = pd.DataFrame(rng.dirichlet(np.ones(3), 300), columns=["A", "B", "C"],
+                         index=[str(i) for i in range(300)])
+    adata = ad.AnnData(np.zeros((300, 1)), obs=pd.DataFrame(index=table.index),
+                       obsm={"spatial": coords, "flashdeconv": table})
+    adata.uns["spot_diameter_px"] = 12.0
+    fig = pl.proportions(adata, scale="per_type", save=tmp_path / "c.png")
+    circles = [c for ax in fig.axes for c in ax.collections if isinstance(c, EllipseCollection)]
+    assert len(circles) == 3 and all(np.allclose(c._widths * 2, 12.0) for c in circles)
+    assert [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"] == [
+        "flashdeconv: A", "flashdeconv: B", "flashdeconv: C"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 3  # one scale per type
+    dominant = pl.dominant(adata)
+    assert isinstance(dominant.axes[0].collections[0], EllipseCollection)
+    assert images_only(pl.proportions(adata, max_spots=100)) == 3  # rasterised beyond max_spots
+
+
+def test_every_plot_draws_into_given_axes(deconvolved):
+    fig, axes = plt.subplots(1, 3)
+    assert pl.dominant(deconvolved, ax=axes[0]) is fig
+    assert pl.convergence(deconvolved, ax=axes[1]) is fig
+    assert pl.proportions(deconvolved, cell_types=["Astro"], ax=axes[2]) is fig
+    assert all(ax.get_images() or ax.get_lines() for ax in axes)
+    with pytest.raises(InputError, match="2 panels to draw but 1 axes given"):
+        pl.proportions(deconvolved, cell_types=["Astro", "Endo"], ax=axes[0])
 
 
 def test_convergence_plot_follows_the_record(deconvolved):

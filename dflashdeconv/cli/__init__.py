@@ -28,14 +28,21 @@ from .common import (  # noqa: F401 - the exit codes are part of the CLI's API
 COMMANDS = ("deconvolve", "ingest", "synth", "info", "predict_expression", "demo")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dflashdeconv",
         description="Out-of-core FlashDeconv cell-type deconvolution for spatial transcriptomics.",
         epilog="Exit codes: 0 ok, 1 failure, 2 bad input, 3 not converged, 4 store locked, "
                "130 interrupted, 143 terminated.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     for name in COMMANDS:
         importlib.import_module(f".{name}", __name__).add_parser(commands)
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
     from ..engine import stop
     from ..engine.lock import StoreLockedError
     from ..errors import InputError, Terminated
+    from .common import configured_output
 
     def terminate(signum, frame):
         stop.request()  # kept for the engine's next safe point should this raise be lost
@@ -66,7 +74,8 @@ def main(argv=None) -> int:
     stop.clear()
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.run(args)
+        with configured_output(args.quiet, args.verbose):
+            return args.run(args)
     except InputError as error:
         print(f"dflashdeconv: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

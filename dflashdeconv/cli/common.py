@@ -3,6 +3,8 @@ exit codes."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
 import time
 
@@ -48,7 +50,6 @@ def line_progress():
 def add_deprecated_flag(parser, old: str, new: str, dest: str, **options) -> None:
     """Keep ``old`` working as a hidden alias of ``new`` for one release (it stores into
     ``dest`` and says on stderr that it is deprecated)."""
-    import argparse
 
     class Deprecated(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
@@ -80,14 +81,34 @@ def add_model_options(parser) -> None:
     add_deprecated_flag(group, "--seed", "--random-state", "random_state", type=int)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clean message otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number expected, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 expected, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a positive number expected, got {text}")
+    return value
+
+
 def _auto_or_float(text: str):
     if text == "auto":
         return text
     try:
         return float(text)
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"'auto' or a number expected, got {text!r}") from None
 
 
@@ -96,3 +117,46 @@ def model_params(args) -> dict:
     from ..core.params import MODEL
 
     return {p.name: getattr(args, p.name) for p in MODEL if p.cli}
+
+
+def add_output_options(parser) -> None:
+    """-q/-v of every command: progress, library log messages and warnings."""
+    group = parser.add_argument_group("output")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars, log messages or warnings; errors only")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log each phase (-vv: debugging detail)")
+
+
+@contextlib.contextmanager
+def configured_output(quiet: bool, verbose: int):
+    """Library messages (logger ``dflashdeconv``) and warnings as one line each on stderr,
+    at the level -q/-v ask for, while the command runs (restored after it); Dask's and
+    bokeh's own logs only when they are errors (left so: their background threads may log
+    after an interrupted command returns)."""
+    import logging
+    import warnings
+
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dflashdeconv: %(message)s"))
+    logger = logging.getLogger("dflashdeconv")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not quiet:
+            print(f"dflashdeconv: warning: {message}", file=sys.stderr, flush=True)
+
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        logger.handlers[:], logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])

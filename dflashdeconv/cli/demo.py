@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import EXIT_OK
+from .common import EXIT_OK, add_output_options
 
 
 def add_parser(commands):
@@ -14,6 +14,7 @@ def add_parser(commands):
         description="Deconvolve the bundled STARmap cortex pseudo-spots, print Pearson r and "
                     "RMSE against the ground truth and the time taken, and write PNG maps.")
     p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
+    add_output_options(p)
     p.set_defaults(run=run)
     return p
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .common import EXIT_OK, print_summary
+from .common import EXIT_OK, add_output_options, print_summary
 
 
 def add_parser(commands):
     p = commands.add_parser("info", help="describe a spot store and its results")
     p.add_argument("store", metavar="STORE")
+    add_output_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -15,7 +16,14 @@ def add_parser(commands):
 def run(args) -> int:
     from ..engine.results import stored_runs
     from ..engine.store import SpotStore
+    from ..errors import InputError
+    from ..io import anndata_kind
 
+    kind = anndata_kind(args.store, "STORE")
+    if kind != "store":
+        raise InputError(f"{args.store} is {'an AnnData' if kind == 'anndata' else 'a SpatialData store'}"
+                         ", not a spot store: `info` describes spot stores (`dflashdeconv ingest` "
+                         "converts it into one)")
     store = SpotStore.open(args.store)
     lines = [("store", store.path), ("source", store.source), ("spots", f"{store.n_spots:,}"),
              ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,} "
@@ -30,6 +38,6 @@ def run(args) -> int:
                           f"preprocess={params['preprocess']}, "
                           f"weighting={params['gene_weighting']}"))
         elif state is not None:
-            lines.append((f"run {key!r}", f"incomplete ({state})"))
+            lines.append((f"run {key!r}", "interrupted; `deconvolve --resume` continues it"))
     print_summary(lines)
     return EXIT_OK

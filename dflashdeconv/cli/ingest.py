@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import time
 
-from .common import EXIT_OK, add_deprecated_flag, line_progress, print_summary
+from .common import (
+    EXIT_OK,
+    add_deprecated_flag,
+    add_output_options,
+    line_progress,
+    positive_int,
+    print_summary,
+)
 
 
 def add_parser(commands):
@@ -15,14 +22,17 @@ def add_parser(commands):
     p.add_argument("store", metavar="STORE")
     p.add_argument("--format", default="auto",
                    choices=("auto", "h5ad", "spatialdata", "gem", "gef", "visium-hd"))
-    p.add_argument("--bin-size", type=int, default=50,
-                   help="GEM/GEF bin size in DNB (default 50)")
+    p.add_argument("--bin-size", type=positive_int, default=50,
+                   help="GEM/GEF bin size in DNB (default: %(default)s)")
     p.add_argument("--table-key", help="SpatialData table name (default: the only table)")
     add_deprecated_flag(p, "--table", "--table-key", "table_key")
-    p.add_argument("--spatial-key", default="spatial")
-    p.add_argument("--layer")
-    p.add_argument("--chunk-rows", type=int, help="spots per block (default: from the data)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--spatial-key", default="spatial",
+                   help="obsm key of the coordinates (h5ad; default: %(default)s)")
+    p.add_argument("--layer", help="counts layer (h5ad; default: X)")
+    p.add_argument("--chunk-rows", type=positive_int,
+                   help="spots per block (default: from the data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing STORE")
+    add_output_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -37,7 +47,7 @@ def run(args) -> int:
                "spatialdata": dict(table_key=args.table_key), "gem": dict(bin_size=args.bin_size),
                "gef": dict(bin_size=args.bin_size)}.get(kind, {})
     store = ingest.from_path(args.input, args.store, kind, chunk_rows=args.chunk_rows,
-                             progress=progress, **options)
+                             overwrite=args.overwrite, progress=progress, **options)
     print_summary([("store", store.path), ("spots", f"{store.n_spots:,}"),
                    ("genes", f"{store.n_genes:,}"), ("non-zeros", f"{store.nnz:,}"),
                    ("blocks", f"{store.n_blocks} x {store.chunk_rows} rows"),

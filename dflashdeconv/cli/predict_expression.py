@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK, add_deprecated_flag
+from .common import EXIT_OK, add_deprecated_flag, add_output_options
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                                                         "the query (when the file has none)")
     parser.add_argument("--genes", default="50", help="how many most variable genes, a comma-"
                                                       "separated list, or @FILE with one per line")
+    parser.add_argument("--target", choices=("cp10k", "log1p"), default="cp10k",
+                        help="what STFlow learns: log1p counts per 10k (default; counts are "
+                        "written as the layer log1p_counts) or raw log1p counts")
     parser.add_argument("--encoder", default="morphology", help="patch encoder (default: %(default)s)")
     parser.add_argument("--encoder-weights", help="local weights file of a torch encoder")
     parser.add_argument("--tile-size", type=int, default=224, help="tile side in pixels")
@@ -48,6 +51,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--cell-type-key", default="cell_type")
     parser.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
     parser.add_argument("--cache", help="cache folder for converted slides and features")
+    add_output_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -82,7 +86,8 @@ def run(args) -> int:
             training = [open_slide(image, spots=read_anndata(table), cache=args.cache)
                         for image, table in args.train]
             model = train_expression_model(
-                training, genes=genes, encoder=args.encoder, encoder_weights=args.encoder_weights,
+                training, genes=genes, target=args.target, encoder=args.encoder,
+                encoder_weights=args.encoder_weights,
                 genes_within=None if reference is None else reference.var_names,
                 tile_spec=spec, model=STFlow(random_state=args.random_state, **(
                     {} if args.epochs is None else {"epochs": args.epochs})),

@@ -252,3 +252,40 @@ def shared_genes(genes_spatial, genes_ref):
             "use the same gene identifiers (symbols vs Ensembl IDs)"
         )
     return common, spatial_idx, ref_idx
+
+
+#: Shared genes below which a reference is refused unless the caller lowers the floor.
+MIN_SHARED_GENES = 50
+#: Genes where a type is clearly the highest (1.5x the next) below which it is warned about.
+MIN_MARKERS = 3
+MARKER_FOLD = 1.5
+
+
+def check_shared_genes(X: np.ndarray, cell_type_names, min_shared_genes: int = MIN_SHARED_GENES,
+                       stacklevel: int = 3) -> None:
+    """Refuse a reference sharing fewer than ``min_shared_genes`` genes with the spots
+    (``X`` is restricted to the shared genes), and warn about cell types with fewer than
+    :data:`MIN_MARKERS` shared genes where they are the most expressed type by
+    :data:`MARKER_FOLD`: their proportions are poorly identified."""
+    import warnings
+
+    from ..errors import DataWarning
+
+    n_genes = X.shape[1]
+    if n_genes < min_shared_genes:
+        raise InputError(f"only {n_genes} genes are shared by the spots and the reference "
+                         f"(at least {min_shared_genes} expected): check the gene identifiers, "
+                         "or lower min_shared_genes (--min-shared-genes) to run anyway")
+    profile = np.asarray(X, np.float64)
+    profile = profile / np.maximum(profile.sum(axis=1, keepdims=True), 1e-300)
+    ranked = np.sort(profile, axis=0)
+    top, second = ranked[-1], ranked[-2] if profile.shape[0] > 1 else np.zeros(n_genes)
+    clear = (top > 0) & (top >= MARKER_FOLD * second)
+    owners = np.argmax(profile, axis=0)[clear]
+    markers = np.bincount(owners, minlength=profile.shape[0])
+    thin = [str(cell_type_names[k]) for k in np.flatnonzero(markers < MIN_MARKERS)]
+    if thin:
+        warnings.warn(f"thin marker coverage: cell type(s) {thin} have fewer than {MIN_MARKERS} "
+                      f"of the {n_genes} shared genes where they are the most expressed type "
+                      f"(by {MARKER_FOLD:g}x); their proportions are poorly identified", DataWarning,
+                      stacklevel=stacklevel)

@@ -65,9 +65,14 @@ def select_model_genes(moments, X, params) -> np.ndarray:
 
 def penalties(gram: np.ndarray, mean_degree: float, params) -> tuple[float, float]:
     """``(lambda, rho)`` in the solver's units (the spatial term follows the graph's mean
-    degree when ``lambda_spatial="auto"``)."""
-    lam = (auto_lambda(gram, [mean_degree]) if params["lambda_spatial"] == "auto"
-           else float(params["lambda_spatial"]))
+    degree when ``lambda_spatial="auto"``; a graph without edges, e.g. ``k_neighbors=0``,
+    means no spatial term: lambda 0)."""
+    if mean_degree <= 0:
+        lam = 0.0
+    elif params["lambda_spatial"] == "auto":
+        lam = auto_lambda(gram, [mean_degree])
+    else:
+        lam = float(params["lambda_spatial"])
     return lam, scaled_rho(gram, params["rho_sparsity"])
 
 
@@ -118,6 +123,7 @@ class FlashDeconv(BaseEstimator):
         Genes used: HVGs of the spots plus markers of each reference type.
     spatial_method : {"knn", "radius", "grid"}, default "knn"
     k_neighbors : int, default 6
+        0 means no spatial term (lambda 0).
     radius : float, optional
         Needed with ``spatial_method="radius"``.
     max_iter : int, default 1000

@@ -2,19 +2,26 @@
 
 GPU workers are ordinary Dask workers that declare the resource ``GPU=1``
 (``dask worker ADDRESS --resources GPU=1``); tasks that want a GPU are submitted with
-``resources={"GPU": 1}`` when such workers exist and run on any worker otherwise.
+``resources={"GPU": 1}`` when such workers exist and run on any worker otherwise. The
+default local cluster starts one such worker per visible CUDA GPU, pinned to it with
+``CUDA_VISIBLE_DEVICES`` (as dask-cuda's LocalCUDACluster does), beside its CPU workers.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 
 import psutil
 
 from ..core.threads import available_cores, limit
+from ..errors import InputError
 
 #: Resource name that GPU workers declare.
 GPU_RESOURCE = "GPU"
@@ -51,19 +58,97 @@ def worker_task(function):
     return task
 
 
+def _value(value):
+    return value
+
+
+def shared(client, value):
+    """A future of ``value`` for many tasks to depend on: sent to the cluster once (not
+    with every task) and, unlike scattered data, recomputed if the worker holding it is
+    lost (the task that makes it keeps the value)."""
+    return client.submit(_value, value, pure=False)
+
+
 def local_cluster_options(n_workers: int | None = None, threads_per_worker: int | None = None,
-                          memory_limit: int | str | None = None) -> dict:
+                          memory_limit: int | str | None = None, extra_workers: int = 0) -> dict:
     """LocalCluster sizing from the machine: one single-threaded worker per core the
     process may use (its affinity and container quota; a task's kernels use its worker's
-    threads) and the memory the machine has available, split between workers, with a
-    quarter kept back for the client and the OS."""
+    threads) and the memory the machine has available, split between workers (and
+    ``extra_workers`` GPU workers), with a quarter kept back for the client and the OS."""
     cores = available_cores()
     n_workers = n_workers or cores
     threads_per_worker = threads_per_worker or max(1, cores // n_workers)
     if memory_limit is None:
-        memory_limit = int(psutil.virtual_memory().available * 0.75 / n_workers)
+        memory_limit = int(psutil.virtual_memory().available * 0.75
+                           / (n_workers + extra_workers))
     return {"n_workers": n_workers, "threads_per_worker": threads_per_worker,
-            "memory_limit": memory_limit, "env": dict(WORKER_ENVIRON)}
+            "memory_limit": memory_limit, "env": dict(WORKER_ENVIRON),
+            "silence_logs": logging.ERROR, "preload": [f"{__package__}.worker_setup"]}
+
+
+def visible_gpus() -> list[str]:
+    """CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries: that
+    variable's list when it is set (empty, ``-1`` or ``NoDevFiles``: none), else the GPUs
+    ``nvidia-smi -L`` lists (none without the NVIDIA driver). torch is not imported."""
+    declared = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if declared is not None:
+        entries = [e.strip() for e in declared.split(",") if e.strip()]
+        if not entries or entries[0] in ("-1", "NoDevFiles"):
+            return []
+        return entries
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20,
+                                 check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"^GPU (\d+):", listing, flags=re.MULTILINE)
+
+
+def _gpu_list(gpus) -> list[str]:
+    """``gpus`` of :func:`connect` as device entries: None -> every visible GPU, an int ->
+    the first n visible ones, a sequence -> those."""
+    if gpus is None:
+        return visible_gpus()
+    if isinstance(gpus, bool) or (isinstance(gpus, int) and gpus < 0):
+        raise InputError(f"gpus must be None, a non-negative number or a list of device "
+                         f"ids, got {gpus!r}")
+    if isinstance(gpus, int):
+        visible = visible_gpus()
+        if gpus > len(visible):
+            raise InputError(f"gpus={gpus} but {len(visible)} GPU(s) are visible "
+                             f"({visible or 'no NVIDIA driver / CUDA_VISIBLE_DEVICES'})")
+        return visible[:gpus]
+    return [str(g) for g in gpus]
+
+
+def _local_cluster(options: dict, gpus: list[str]):
+    """A LocalCluster's scheduler and CPU workers, plus one single-threaded worker per GPU
+    that declares ``GPU=1`` and sees only its GPU."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    if not gpus:
+        return LocalCluster(dashboard_address=":0", **options)
+    options = dict(options)
+    n_workers = options.pop("n_workers")
+    silence_logs = options.pop("silence_logs")
+    worker = {"nthreads": options.pop("threads_per_worker"), "host": "127.0.0.1",
+              "memory_limit": options.pop("memory_limit"), "env": options.pop("env"),
+              "preload": options.pop("preload"), "silence_logs": silence_logs}
+    options.pop("processes")
+    if options:
+        raise InputError(f"options {sorted(options)} are not supported with GPU workers; "
+                         "pass gpus=0 for a CPU-only LocalCluster")
+    workers = {f"cpu-{i}": {"cls": Nanny, "options": worker} for i in range(n_workers)}
+    for gpu in gpus:
+        workers[f"gpu-{gpu}"] = {"cls": Nanny, "options": {
+            **worker, "nthreads": 1, "resources": {GPU_RESOURCE: 1},
+            "env": {**worker["env"], "CUDA_VISIBLE_DEVICES": gpu}}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=silence_logs,
+                       name="dflashdeconv")
 
 
 @dataclass
@@ -92,17 +177,19 @@ class Connection:
 
 
 def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_limit=None,
-            quiet: bool = False, **cluster_kwargs) -> Connection:
+            gpus=None, quiet: bool = False, **cluster_kwargs) -> Connection:
     """A Dask client for the engine.
 
     ``scheduler`` may be a ``distributed.Client`` (used as is), a scheduler address such
     as ``tcp://10.0.0.5:8786`` (connected to) or None: the address in Dask's
     ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``, set by the Dask operator in
     a DaskJob) if any, else a LocalCluster sized from the machine, closed with the
-    connection. The dashboard address is printed unless ``quiet``.
+    connection. The local cluster adds one GPU worker per GPU of ``gpus`` (None: every
+    visible CUDA GPU, see :func:`visible_gpus`; a number; a list of device ids; 0: none)
+    beside its CPU workers. The dashboard address is printed unless ``quiet``.
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if isinstance(scheduler, Client):
         return Connection(scheduler, owns_cluster=False)
@@ -111,12 +198,16 @@ def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_l
         client = Client(scheduler)
         owns, owns_client = False, True
     else:
-        options = local_cluster_options(n_workers, threads_per_worker, memory_limit)
-        options.update(cluster_kwargs)
-        options.setdefault("processes", True)
-        if not options["processes"]:
+        processes = cluster_kwargs.get("processes", True)
+        if not processes and gpus:
+            raise InputError("GPU workers are processes: pass processes=True or gpus=0")
+        devices = _gpu_list(gpus) if processes else []
+        options = local_cluster_options(n_workers, threads_per_worker, memory_limit,
+                                        extra_workers=len(devices))
+        options.update(cluster_kwargs, processes=processes)
+        if not processes:
             options.pop("env")  # thread workers share this process's environment
-        cluster = LocalCluster(dashboard_address=":0", **options)
+        cluster = _local_cluster(options, devices)
         client = Client(cluster)
         owns, owns_client = True, True
     if not quiet:

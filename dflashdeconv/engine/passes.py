@@ -16,7 +16,7 @@ from ..core.genes import GeneMoments, gene_moments
 from ..core.project import SpotTransform, project
 from ..core.validation import check_projection, check_values
 from ..errors import InputError
-from .cluster import worker_task
+from .cluster import shared, worker_task
 from .progress import track
 from .refine import block_subsample
 from .store import SpotStore, open_zarr
@@ -50,9 +50,9 @@ def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
                     progress: bool = True) -> GeneMoments:
     """Gene statistics of the whole store over the columns that ``column_map`` keeps (store
     column -> gene position or -1); bad counts or chunks fail here, before any fit."""
-    [shared] = client.scatter([column_map], hash=False)  # sent once, not with every task
+    columns = shared(client, column_map)
     futures = client.map(block_moments, [store] * store.n_blocks, range(store.n_blocks),
-                         [shared] * store.n_blocks, pure=False)
+                         [columns] * store.n_blocks, pure=False)
     track(futures, "pass 1/2 gene statistics", enabled=progress)
     return merge_moments(client.gather(futures))
 
@@ -97,10 +97,10 @@ def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path
     the solver (and the refinement); blocks marked ``done`` are read back instead of
     recomputed."""
     gene_pos = transform.gene_pos if subsample else None
-    [shared] = client.scatter([transform], hash=False)  # sent once, not with every task
+    transform_future = shared(client, transform)
     futures = [client.submit(load_projection, store, b, run_path, gene_pos, pure=False)
                if done[b] else
-               client.submit(block_projection, store, b, shared, run_path, subsample,
+               client.submit(block_projection, store, b, transform_future, run_path, subsample,
                              pure=False)
                for b in range(store.n_blocks)]
     track(futures, "pass 2/2 projection", enabled=progress)

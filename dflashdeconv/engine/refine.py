@@ -14,7 +14,7 @@ import numpy as np
 from scipy import sparse
 
 from ..core import refine as refine_math
-from .cluster import worker_task
+from .cluster import shared, worker_task
 from .progress import track
 from .store import SpotStore, open_zarr
 
@@ -110,9 +110,9 @@ def refine_store(client, store: SpotStore, X: np.ndarray, genes: np.ndarray, gen
     if model is None:
         model = fit_model(client, store, projection, beta, mu, mode)
         record_model(run_path, model)
-    [shared] = client.scatter([model], broadcast=True, hash=False)
+    model_future = shared(client, model)
     results = client.map(refine_block, [store] * store.n_blocks, range(store.n_blocks),
-                         [gene_pos] * store.n_blocks, [shared] * store.n_blocks, beta,
+                         [gene_pos] * store.n_blocks, [model_future] * store.n_blocks, beta,
                          pure=False)
     track(results, f"refine ({mode})", enabled=progress)
     failed = np.concatenate(client.gather(client.map(_failed_of, results, pure=False)))

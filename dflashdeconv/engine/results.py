@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import DataWarning, InputError
 from .store import _ALL_CHUNKS, SpotStore, fast_codec, local_path, open_zarr
 
 INPUT_KEYS = {"spatial", "input_row", "_index"}
@@ -78,9 +79,14 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
         raise InputError(f"obsm/{key} in {store.path} was not written by dflashdeconv; "
                          "choose another key_added")
     if (key in root["obsm"] or f"{key}_params" in root["uns"]) and not overwrite:
-        raise InputError(f"{store.path} already holds results under {key!r}; choose another "
-                         "key_added or pass overwrite=True")
+        raise InputError(f"{store.path} already holds results under {key!r}: replace them with "
+                         "--overwrite (overwrite=True), or write under another --key-added "
+                         "(key_added=)")
     if run_name in root["uns"]:
+        if root["uns"][run_name].attrs.get("status") != "complete":
+            warnings.warn(f"{store.path}: the interrupted run under {key!r} is started over; "
+                          "--resume (resume=True) continues it instead", DataWarning,
+                          stacklevel=4)
         del root["uns"][run_name]
     n, K, rows = store.n_spots, len(cell_types), store.chunk_rows
     run = _dict_group(root["uns"], run_name)
@@ -221,7 +227,7 @@ def stored_runs(store: SpotStore):
         if name.endswith("_params"):
             yield name[:-len("_params")], read_elem(uns[name]), None
         elif name.endswith("_run") and uns[name].attrs.get("status") != "complete":
-            yield name[:-len("_run")], None, uns[name].attrs.get("status")
+            yield name[:-len("_run")], None, uns[name].attrs.get("status", "interrupted")
 
 
 def read_results(path, key: str = "flashdeconv") -> pd.DataFrame:

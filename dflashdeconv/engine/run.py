@@ -18,7 +18,12 @@ import time
 
 import numpy as np
 
-from ..core.genes import leverage_scores, shared_genes
+from ..core.genes import (
+    MIN_SHARED_GENES,
+    check_shared_genes,
+    leverage_scores,
+    shared_genes,
+)
 from ..core.model import (
     FlashDeconv,
     build_transform,
@@ -62,7 +67,8 @@ def run_fingerprint(store: SpotStore, X, types, genes, params: dict, inner_sweep
 
 def deconvolve_store(path, X, cell_type_names, reference_genes, *, key_added="flashdeconv",
                      scheduler=None, inner_sweeps: int = 1, overwrite: bool = False,
-                     resume: bool = False, progress: bool = True, **params) -> dict:
+                     resume: bool = False, progress: bool = True,
+                     min_shared_genes: int = MIN_SHARED_GENES, **params) -> dict:
     """Deconvolve the spot store at ``path`` against reference profiles ``X`` (K x genes).
 
     ``params`` are :class:`~dflashdeconv.FlashDeconv`'s. ``scheduler``: a Client, a
@@ -77,6 +83,7 @@ def deconvolve_store(path, X, cell_type_names, reference_genes, *, key_added="fl
     types = np.asarray(cell_type_names).astype(str)
     common, store_cols, ref_cols = shared_genes(store.gene_names, reference_genes)
     X = X[:, ref_cols]
+    check_shared_genes(X, types, min_shared_genes, stacklevel=4)
     fingerprint = run_fingerprint(store, X, types, common, params, inner_sweeps)
     with StoreLock(store.path, f"deconvolve {key_added}"):
         run_path, recorded = open_run(store, key_added, types, fingerprint, overwrite=overwrite,
@@ -180,6 +187,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
         "final_objective": float(objective),
         "mean_degree": float(mean_degree),
         "n_spots": int(store.n_spots),
+        "n_genes_shared": int(store_cols.size),
         "n_blocks": int(store.n_blocks),
     } | refine_record
     if radius_used is not None:

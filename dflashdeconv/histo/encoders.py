@@ -2,8 +2,10 @@
 
 - ``"morphology"`` (default): hand-made, deterministic CPU features that always work:
   colour statistics, H&E stain deconvolution, nuclei, gradient and texture statistics.
-- ``"uni"``: a ViT-L/16 in plain PyTorch with timm's parameter names, so UNI's
-  ``pytorch_model.bin`` loads without timm (or torchvision).
+- ``"uni"``, ``"uni2-h"``, ``"conch"``, ``"virchow"``, ``"virchow2"``, ``"gigapath"``,
+  ``"h-optimus-0"``: pathology foundation ViTs (:mod:`.vit`, plain PyTorch with timm's
+  parameter names) from their released checkpoints (``.bin``/``.pt``/``.safetensors``),
+  without timm or torchvision; ``"vit"`` reads any timm-named ViT's shape off its weights.
 - ``"timm:<model name>"``: any timm architecture (needs timm and a torchvision that
   imports; on CPU-only torch from PyPI it often does not).
 
@@ -14,17 +16,12 @@ downloads weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
 from .slide import file_fingerprint
-
-#: ImageNet normalisation, used by UNI and most pathology foundation models.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -217,7 +214,7 @@ def _morphology_encoder(weights=None, work_size: int = 128) -> Encoder:
 
 # ---------------------------------------------------------------------------- torch encoders
 
-def _torch_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
+def _torch_transform(size: int, mean, std) -> Callable:
     """uint8 (n, h, w, 3) tensor -> normalised float (n, 3, size, size) on its device."""
 
     def transform(batch):
@@ -235,144 +232,28 @@ def _torch_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callabl
     return transform
 
 
-def load_weights(model, weights) -> None:
-    """Load a local state dict (``.bin``/``.pt``/``.pth``/``.safetensors``) strictly.
-
-    Wrappers such as ``{"state_dict": ...}`` or ``{"model": ...}`` and ``module.`` prefixes
-    are unwrapped; missing or unexpected keys are an :class:`InputError` naming them.
-    """
-    import torch
-
-    path = Path(weights)
-    if not path.is_file():
-        raise InputError(f"weights file not found: {path} (encoders never download weights; "
-                         "pass the path of a local file)")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise InputError("reading .safetensors weights needs the safetensors package") from error
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise InputError(f"{path.name} is not a readable PyTorch weights file ({error})") from error
-    for wrapper in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise InputError(f"{path.name} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise InputError(f"{path.name} does not fit the {type(model).__name__} architecture: "
-                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-
-
-def _vit_classes():
-    import torch
-    from torch import nn
-
-    class LayerScale(nn.Module):
-        def __init__(self, dim: int, init: float):
-            super().__init__()
-            self.gamma = nn.Parameter(torch.full((dim,), init))
-
-        def forward(self, x):
-            return x * self.gamma
-
-    class Attention(nn.Module):
-        def __init__(self, dim: int, n_heads: int):
-            super().__init__()
-            self.n_heads = n_heads
-            self.qkv = nn.Linear(dim, dim * 3)
-            self.proj = nn.Linear(dim, dim)
-
-        def forward(self, x):
-            n, t, d = x.shape
-            q, k, v = self.qkv(x).view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-            x = nn.functional.scaled_dot_product_attention(q, k, v)
-            return self.proj(x.transpose(1, 2).reshape(n, t, d))
-
-    class Mlp(nn.Module):
-        def __init__(self, dim: int, hidden: int):
-            super().__init__()
-            self.fc1 = nn.Linear(dim, hidden)
-            self.act = nn.GELU()
-            self.fc2 = nn.Linear(hidden, dim)
-
-        def forward(self, x):
-            return self.fc2(self.act(self.fc1(x)))
-
-    class Block(nn.Module):
-        def __init__(self, dim, n_heads, mlp_ratio, layer_scale):
-            super().__init__()
-            self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-            self.attn = Attention(dim, n_heads)
-            self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
-            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio))
-            self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
-
-        def forward(self, x):
-            x = x + self.ls1(self.attn(self.norm1(x)))
-            return x + self.ls2(self.mlp(self.norm2(x)))
-
-    class PatchEmbed(nn.Module):
-        def __init__(self, patch: int, dim: int):
-            super().__init__()
-            self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-        def forward(self, x):
-            return self.proj(x).flatten(2).transpose(1, 2)
-
-    class VisionTransformer(nn.Module):
-        """ViT with a class token, pooled by the class token after the final norm."""
-
-        def __init__(self, img_size=224, patch_size=16, dim=768, depth=12, n_heads=12,
-                     mlp_ratio=4.0, layer_scale: float | None = None):
-            super().__init__()
-            self.img_size = img_size
-            self.patch_embed = PatchEmbed(patch_size, dim)
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
-            self.blocks = nn.Sequential(*[Block(dim, n_heads, mlp_ratio, layer_scale)
-                                          for _ in range(depth)])
-            self.norm = nn.LayerNorm(dim, eps=1e-6)
-            self.n_features = dim
-
-        def forward(self, x):
-            x = self.patch_embed(x)
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-            return self.norm(self.blocks(x))[:, 0]
-
-    return VisionTransformer
-
-
-def vision_transformer(**config):
-    """A plain-PyTorch ViT whose parameter names match timm's ``VisionTransformer``."""
-    return _vit_classes()(**config)
-
-
-#: UNI (Chen et al. 2024): ViT-L/16 at 224 px with layer scale, 1024 features.
-UNI_CONFIG = {"img_size": 224, "patch_size": 16, "dim": 1024, "depth": 24, "n_heads": 16,
-              "mlp_ratio": 4.0, "layer_scale": 1e-5}
-
-
-def vit_encoder(name: str, config: dict, weights) -> Encoder:
-    """A :func:`vision_transformer` with ``config`` and local ``weights`` (required)."""
+def vit_encoder(name: str = "vit", weights=None, *, preset: str | None = None,
+                **options) -> Encoder:
+    """A pathology ViT (:mod:`.vit`) from a local checkpoint: the architecture of ``preset``
+    (checked against the weights) or read off the weights (``options``: ``n_heads``,
+    ``pool``, ``mean``, ``std``)."""
     if weights is None:
         raise InputError(f"encoder {name!r} needs a local weights file: pass weights=PATH "
                          "(nothing is downloaded)")
-    model = vision_transformer(**config)
-    load_weights(model, weights)
-    return Encoder(name, model.eval(), _torch_transform(config["img_size"]), model.n_features,
-                   encoder_identity(name, weights, config))
+    from .vit import load_vit
+
+    model = load_vit(weights, preset, **options)
+    config = model.config
+    return Encoder(name, model, _torch_transform(config.img_size, config.mean, config.std),
+                   model.n_features, encoder_identity(name, weights, {"preset": preset, **options}))
 
 
-def _uni_encoder(weights=None) -> Encoder:
-    return vit_encoder("uni", UNI_CONFIG, weights)
+def _preset_factory(preset: str) -> Callable[..., Encoder]:
+    def factory(weights=None, **options) -> Encoder:
+        return vit_encoder(preset, weights, preset=preset, **options)
+
+    factory.__doc__ = f"The {preset!r} ViT from a local checkpoint."
+    return factory
 
 
 def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
@@ -384,8 +265,10 @@ def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
     except Exception as error:  # noqa: BLE001 - timm fails in many ways without torchvision
         raise InputError(f"encoder 'timm:{model_name}' needs timm with a working torchvision "
                          f"({type(error).__name__}: {error})") from error
+    from .vit import IMAGENET_MEAN, IMAGENET_STD, load_state
+
     model = timm.create_model(model_name, pretrained=False, num_classes=0, **options)
-    load_weights(model, weights)
+    load_state(model, weights)
     config = model.pretrained_cfg
     size = int(config.get("input_size", (3, 224, 224))[-1])
     transform = _torch_transform(size, tuple(config.get("mean", IMAGENET_MEAN)),
@@ -401,7 +284,9 @@ _REVISIONS = {"morphology": 2}
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {
     "morphology": _morphology_encoder,
-    "uni": _uni_encoder,
+    "vit": lambda weights=None, **options: vit_encoder("vit", weights, **options),
+    **{preset: _preset_factory(preset) for preset in ("uni", "uni2-h", "conch", "virchow",
+                                                      "virchow2", "gigapath", "h-optimus-0")},
 }
 
 
@@ -455,6 +340,5 @@ def features_key(identity: str, slide_fingerprint: str, spec_dict: dict, centres
 
 
 __all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder",
-           "available_encoders", "load_weights", "vision_transformer", "vit_encoder",
-           "features_key", "encoder_identity", "UNI_CONFIG"]
+           "available_encoders", "vit_encoder", "features_key", "encoder_identity"]
 

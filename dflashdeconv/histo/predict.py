@@ -33,6 +33,21 @@ from .stflow import STFlow
 
 #: Where :func:`predict_expression` predicts.
 LOCATIONS = ("tiles", "spots")
+#: What STFlow learns: log1p counts per 10k of each spot's total ("cp10k", HEST-Bench's
+#: target, with the log1p total predicted beside the genes so that counts can be
+#: recovered) or raw log1p counts ("log1p", which follow each spot's library size).
+TARGETS = ("cp10k", "log1p")
+#: Name of the extra output column of a "cp10k" model: log1p of the spot's total counts.
+TOTAL_COUNTS = "__log1p_total_counts__"
+
+
+def training_target(counts: np.ndarray, totals: np.ndarray, target: str) -> np.ndarray:
+    """The STFlow training matrix of ``counts`` (spots x panel) for ``target``; spots with
+    no counts get zeros."""
+    if target == "log1p":
+        return np.log1p(counts)
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    return np.hstack([np.log1p(counts * scale[:, None]), np.log1p(totals)[:, None]])
 
 
 def _as_spatialdata(source, slide_mpp, cache, what: str):
@@ -53,9 +68,9 @@ def _count_matrix(table, genes: np.ndarray, layer: str | None, what: str) -> np.
     return np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
 
 
-def select_genes(tables, genes=50, within=None) -> np.ndarray:
+def select_genes(tables, genes=50, within=None, target: str = "cp10k") -> np.ndarray:
     """The gene panel: the listed ``genes`` (each must be in every table), or the
-    ``genes`` most variable genes (variance of log1p counts over all spots) among the
+    ``genes`` most variable genes (variance of the ``target`` over all spots) among the
     genes every table measures (and, if given, that are ``within`` these names, e.g. a
     single-cell reference's genes)."""
     names = [pd.Index(t.var_names.astype(str)) for t in tables]
@@ -73,8 +88,10 @@ def select_genes(tables, genes=50, within=None) -> np.ndarray:
         if shared.size == 0:
             raise InputError("the training slides share no gene names")
         shared = np.asarray(sorted(shared))
-        counts = np.vstack([_count_matrix(t, shared, None, "training table") for t in tables])
-        variance = np.log1p(counts).var(axis=0)
+        values = np.vstack([training_target(_count_matrix(t, shared, None, "training table"),
+                                            _totals(t, None), target)[:, :shared.size]
+                            for t in tables])
+        variance = values.var(axis=0)
         order = np.argsort(-variance, kind="stable")[:genes]
         return shared[np.sort(order)]
     panel = np.asarray([str(g) for g in genes])
@@ -87,6 +104,12 @@ def select_genes(tables, genes=50, within=None) -> np.ndarray:
     return panel
 
 
+def _totals(table, layer: str | None) -> np.ndarray:
+    """Each spot's total counts over all the table's genes (its library size)."""
+    matrix = layer_matrix(table, layer, "training table")
+    return np.asarray(matrix.sum(axis=1), np.float64).ravel()
+
+
 def _training_slides(training, cache) -> list:
     slides = training if isinstance(training, (list, tuple)) else [training]
     if not slides:
@@ -94,8 +117,10 @@ def _training_slides(training, cache) -> list:
     return [_as_spatialdata(s, None, cache, "a training slide") for s in slides]
 
 
-def train_expression_model(training, *, genes=50, genes_within=None, encoder: str = "morphology",
-                           encoder_weights=None, tile_spec: TileSpec | None = None,
+def train_expression_model(training, *, genes=50, genes_within=None, target: str = "cp10k",
+                           encoder: str = "morphology",
+                           encoder_weights=None, encoder_options: dict | None = None,
+                           tile_spec: TileSpec | None = None,
                            model: STFlow | None = None, layer: str | None = None,
                            image_key: str | None = None, scheduler=None, cache=None,
                            use_cache: bool = True, progress: bool = False) -> STFlow:
@@ -103,7 +128,11 @@ def train_expression_model(training, *, genes=50, genes_within=None, encoder: st
     and spots whose table holds raw counts (see :func:`~dflashdeconv.histo.open_slide`).
 
     ``genes``: a number of most variable genes (among ``genes_within`` if given) or a
-    list. Reference patches are centred on the spots with ``tile_spec`` (the same spec must be
+    list. ``target``: what the model learns (:data:`TARGETS`): log1p counts per 10k
+    (default; the spot's total counts are learnt beside them) or raw log1p counts.
+    ``encoder``: a name of :func:`~dflashdeconv.histo.available_encoders` (a pathology
+    ViT such as ``"uni"`` with its local ``encoder_weights`` and ``encoder_options``, e.g.
+    ``{"n_heads": 16}`` for ``"vit"``). Reference patches are centred on the spots with ``tile_spec`` (the same spec must be
     used for the query tiles; it is recorded in the model). ``model``: an unfitted
     :class:`STFlow` carrying the training parameters (default ``STFlow()``). Tasks run
     on the GPU pool of ``scheduler`` (a Client or address; None starts a LocalCluster).
@@ -115,25 +144,31 @@ def train_expression_model(training, *, genes=50, genes_within=None, encoder: st
         raise InputError(f"model must be an STFlow, got {type(model).__name__}")
     model = STFlow() if model is None else clone(model)  # never fit the caller's object
     model._check_params()
+    if target not in TARGETS:
+        raise InputError(f"target must be one of {TARGETS}, got {target!r}")
     sdatas = _training_slides(training, cache)
     spots = [spots_table(s, image_key=image_key) for s in sdatas]
     slides = [slide_image(s, image_key) for s in sdatas]
     for slide in slides:
         slide.require_mpp()
-    panel = select_genes([s.table for s in spots], genes, genes_within)
-    expression = np.log1p(np.vstack([_count_matrix(s.table, panel, layer, f"training slide {i}")
-                                     for i, s in enumerate(spots)]))
+    panel = select_genes([s.table for s in spots], genes, genes_within, target)
+    expression = np.vstack([
+        training_target(_count_matrix(s.table, panel, layer, f"training slide {i}"),
+                        _totals(s.table, layer), target) for i, s in enumerate(spots)])
+    outputs = list(panel) + ([TOTAL_COUNTS] if target == "cp10k" else [])
     coords = np.vstack([s.centres for s in spots])
     slide_ids = np.concatenate([np.full(len(s.centres), i) for i, s in enumerate(spots)])
     with connect(scheduler, quiet=not progress) as client:
         features = [pool.embed_tiles(client, slide, s.centres, spec, encoder,
-                                     weights=encoder_weights, cache=cache, use_cache=use_cache,
+                                     weights=encoder_weights, options=encoder_options,
+                                     cache=cache, use_cache=use_cache,
                                      description=f"embedding training slide {i + 1}" if progress else None)[0]
                     for i, (slide, s) in enumerate(zip(slides, spots))]
         metadata = {"encoder": encoder if isinstance(encoder, str) else encoder.name,
-                    "tile_spec": spec.to_dict(), "n_training_slides": len(slides)}
+                    "tile_spec": spec.to_dict(), "n_training_slides": len(slides),
+                    "target": target}
         future = pool.submit(client, pool.train_task, model, np.vstack(features), coords,
-                             expression, slide_ids, list(panel), metadata)
+                             expression, slide_ids, outputs, metadata)
         fitted, _ = pool.gather([future], "training STFlow" if progress else None)[0]
     return fitted
 
@@ -150,23 +185,27 @@ def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
 
 
 def predict_expression(query, training=None, *, model: STFlow | str | None = None, genes=50,
-                       encoder: str = "morphology", encoder_weights=None, tile_size: int = 224,
+                       encoder: str = "morphology", encoder_weights=None,
+                       encoder_options: dict | None = None, tile_size: int = 224,
                        tile_mpp: float = 0.5, locations: str = "tiles",
                        stride_um: float | None = None, min_tissue: float = 0.5,
                        slide_mpp: float | None = None, image_key: str | None = None,
-                       stflow: STFlow | None = None, layer: str | None = None, scheduler=None,
+                       stflow: STFlow | None = None, layer: str | None = None,
+                       target: str = "cp10k", scheduler=None,
                        cache=None, use_cache: bool = True, key_added: str = "stflow",
                        progress: bool = False):
     """Expression predicted from H&E for every tile of ``query`` (AnnData, tiles x genes).
 
     ``query``: a SpatialData / WSIData object or a slide path. Either ``training``
-    (paired slides, see :func:`train_expression_model`; ``genes``, ``stflow`` and
-    ``layer`` apply) or a fitted ``model`` (an :class:`STFlow` or the path of a saved
+    (paired slides, see :func:`train_expression_model`; ``genes``, ``target``, ``stflow``
+    and ``layer`` apply) or a fitted ``model`` (an :class:`STFlow` or the path of a saved
     one). ``locations="tiles"`` predicts on a grid of ``tile_size`` px tiles at
     ``tile_mpp`` over the detected tissue (``stride_um``, ``min_tissue``), ``"spots"``
     at the query's own spots.
 
-    Returns the AnnData (X = predicted log1p counts; ``obsm['spatial']`` = tile centres in
+    Returns the AnnData (X = the model's target: log1p counts per 10k, with the count
+    scale in ``layers['log1p_counts']`` (from the predicted totals), or log1p counts for
+    a model trained with ``target="log1p"``; ``obsm['spatial']`` = tile centres in
     level-0 pixels; ``uns[key_added]`` = run metadata) and writes it into the query as
     ``tables[key_added]`` (annotating ``shapes[key_added + '_tiles']``, or the spots).
     """
@@ -198,15 +237,17 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
     with connect(scheduler, quiet=not progress) as client:
         if model is None:
             t0 = time.perf_counter()
-            model = train_expression_model(training, genes=genes, encoder=encoder,
-                                           encoder_weights=encoder_weights, tile_spec=spec,
+            model = train_expression_model(training, genes=genes, target=target, encoder=encoder,
+                                           encoder_weights=encoder_weights,
+                                           encoder_options=encoder_options, tile_spec=spec,
                                            model=stflow, layer=layer, image_key=None,
                                            scheduler=client, cache=cache, use_cache=use_cache,
                                            progress=progress)
             timings["training"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         features, embed_records = pool.embed_tiles(
-            client, slide, centres, spec, encoder, weights=encoder_weights, cache=cache,
+            client, slide, centres, spec, encoder, weights=encoder_weights,
+            options=encoder_options, cache=cache,
             use_cache=use_cache, description="embedding query tiles" if progress else None)
         timings["embedding"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -215,8 +256,14 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         timings["prediction"] = time.perf_counter() - t0
 
     records = embed_records + [predict_record]
+    genes = list(model.gene_names_ or [f"gene_{g}" for g in range(model.n_genes_)])
+    target = model.metadata_.get("target", "log1p")
+    log1p_counts = None
+    if target == "cp10k":  # the last output is the log1p total: counts follow from it
+        genes, totals, predicted = genes[:-1], np.expm1(predicted[:, -1]), predicted[:, :-1]
+        log1p_counts = np.log1p(np.expm1(predicted) * (totals / 1e4)[:, None])
     uns = {
-        "genes": list(model.gene_names_ or [f"gene_{g}" for g in range(model.n_genes_)]),
+        "genes": genes, "target": target,
         "encoder": encoder if isinstance(encoder, str) else encoder.name,
         "tile_spec": spec.to_dict(), "locations": locations,
         "slide_mpp": float(slide.mpp), "slide_fingerprint": slide.fingerprint,
@@ -226,10 +273,11 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         "timings": {k: float(v) for k, v in timings.items()},
     }
     return _write_table(sdata, predicted, centres, names, uns, (region, instance), key_added,
-                        tile_shapes=(slide, spec, image_key))
+                        tile_shapes=(slide, spec, image_key), log1p_counts=log1p_counts)
 
 
-def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, tile_shapes):
+def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, tile_shapes,
+                 log1p_counts=None):
     """The prediction as a table with rows ``names`` (the spots' own names, or tile names);
     it annotates the spots (``annotates`` = (shapes key, instance ids)) or, when that is
     (None, None), new square tile shapes."""
@@ -244,6 +292,8 @@ def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, ti
                        obs=pd.DataFrame(index=pd.Index(names, dtype=str)),
                        var=pd.DataFrame(index=pd.Index(uns["genes"], dtype=str)))
     adata.obsm["spatial"] = centres.copy()
+    if log1p_counts is not None:
+        adata.layers["log1p_counts"] = log1p_counts.astype(np.float32)
     adata.uns[key_added] = uns
     adata.uns[PREDICTION_MARKER] = key_added
     if region is None:
@@ -262,4 +312,5 @@ def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, ti
     return table
 
 
-__all__ = ["train_expression_model", "predict_expression", "select_genes", "LOCATIONS"]
+__all__ = ["train_expression_model", "predict_expression", "select_genes", "training_target",
+           "LOCATIONS", "TARGETS"]
