@@ -60,15 +60,16 @@ NORMS = ("slide", "training")
 
 
 def splits(which) -> list[tuple[str, tuple[str, ...]]]:
-    """(test section, training sections) of the requested splits."""
+    """(test section, training sections) of the requested splits, in the order asked."""
     out = []
-    if "C5" in which:
-        out.append(("C5", ("C2", "C3", "C4")))
-    if "loso" in which:
-        out += [(held, tuple(s for s in PATIENT_C if s != held)) for held in PATIENT_C
-                if held != "C5"]
-    if "B4" in which:
-        out.append(("B4", PATIENT_C))
+    for name in which:
+        if name == "C5":
+            out.append(("C5", ("C2", "C3", "C4")))
+        elif name == "B4":
+            out.append(("B4", PATIENT_C))
+        else:  # "loso": the C5 fold is the C5 split
+            out += [(held, tuple(s for s in PATIENT_C if s != held)) for held in PATIENT_C
+                    if held != "C5"]
     return out
 
 

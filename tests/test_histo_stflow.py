@@ -161,3 +161,23 @@ def test_bad_input_is_rejected(training):
         STFlow(**TINY).fit(features, np.zeros_like(coords), expression)
     with pytest.raises(NotFittedError):
         STFlow().predict(features, coords)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("epochs", -1, r"'epochs' parameter of STFlow must be an int in the range \[0, inf\)"),
+    ("n_sample_steps", 1, r"'n_sample_steps' parameter of STFlow must be an int in the range \[2"),
+    ("dropout", 1.0, r"'dropout' parameter of STFlow must be a float in the range \[0.0, 1.0\)"),
+    ("feature_norm", "batch", r"'feature_norm' parameter of STFlow must be a str among"),
+])
+def test_parameters_are_checked_by_their_constraints(training, name, value, message):
+    features, coords, expression, _ = training
+    with pytest.raises(InputError, match=message):
+        STFlow(**{**TINY, name: value}).fit(features, coords, expression)
+
+
+def test_verbose_logs_the_training_loss(training, capsys):
+    features, coords, expression, _ = training
+    STFlow(**{**TINY, "epochs": 11, "verbose": True}).fit(features, coords, expression)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "STFlow epoch" in line]
+    assert [line.split(":")[0] for line in lines] == ["[dflashdeconv] STFlow epoch 1/11",
+                                                      "[dflashdeconv] STFlow epoch 11/11"]

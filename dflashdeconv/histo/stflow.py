@@ -14,14 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ..errors import InputError, NotFittedError
+from ..core.estimator import check_fitted, validate_params
+from ..errors import InputError
+from ..log import logger, verbose_logging
 
 #: File format tag of saved models.
 FORMAT = "dflashdeconv.stflow/1"
@@ -341,6 +345,7 @@ class STFlow(BaseEstimator):
     device : str or None
         Torch device; None is "cpu". The prior sampler follows it.
     verbose : bool, default False
+        Log the training loss every 10 epochs (the ``dflashdeconv`` logger, on stdout).
 
     Attributes
     ----------
@@ -377,25 +382,26 @@ class STFlow(BaseEstimator):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ checks
+    _parameter_constraints = {
+        **dict.fromkeys(("hidden_dim", "n_layers", "n_heads", "n_neighbors", "n_samples",
+                         "batch_size", "chunks_per_slide"),
+                        [Interval(Integral, 1, None, closed="left")]),
+        "n_sample_steps": [Interval(Integral, 2, None, closed="left")],  # grid 0.01 -> 1
+        "epochs": [Interval(Integral, 0, None, closed="left")],
+        "whole_slide_max_spots": [Interval(Integral, 0, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "prior": [StrOptions(set(PRIORS))],
+        "feature_norm": [StrOptions(set(FEATURE_NORMS))],
+        "non_negative": ["boolean"],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "device": [str, None],
+        "verbose": ["boolean"],
+    }
+
     def _check_params(self) -> None:
-        for name in ("hidden_dim", "n_layers", "n_heads", "n_neighbors", "n_sample_steps",
-                     "n_samples", "batch_size", "chunks_per_slide"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) \
-                or self.epochs < 0:
-            raise InputError(f"epochs must be a non-negative integer, got {self.epochs!r}")
-        if self.n_sample_steps < 2:
-            raise InputError("n_sample_steps must be at least 2 (the grid runs from 0.01 to 1)")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise InputError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
-        if self.prior not in PRIORS:
-            raise InputError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        validate_params(self)
 
     def _torch_device(self) -> torch.device:
         return torch.device(self.device or "cpu")
@@ -457,7 +463,8 @@ class STFlow(BaseEstimator):
             self.model_ = STFlowNet(self.n_features_in_, self.n_genes_, self.hidden_dim,
                                     self.n_layers, self.n_heads, self.dropout,
                                     self.non_negative).to(device)
-            self.loss_curve_ = self._train(slides, device)
+            with verbose_logging(self.verbose):
+                self.loss_curve_ = self._train(slides, device)
         self.model_.eval()
         return self
 
@@ -504,14 +511,13 @@ class STFlow(BaseEstimator):
                 total += float(loss.detach()) * int(batch["mask"].sum())
                 weight += int(batch["mask"].sum())
             curve.append(total / max(weight, 1))
-            if self.verbose and (epoch % 10 == 0 or epoch == self.epochs - 1):
-                print(f"[stflow] epoch {epoch + 1}/{self.epochs}: loss {curve[-1]:.4f}", flush=True)
+            if epoch % 10 == 0 or epoch == self.epochs - 1:
+                logger.info("STFlow epoch %d/%d: loss %.4f", epoch + 1, self.epochs, curve[-1])
         return curve
 
     # ------------------------------------------------------------------ prediction
     def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
-            raise NotFittedError("this STFlow instance is not fitted; call fit() or STFlow.load()")
+        check_fitted(self, "model_")
 
     def predict(self, features, coords, slide_ids=None) -> np.ndarray:
         """Expression (N, G) of every spot or tile, each slide sampled whole."""
