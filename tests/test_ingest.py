@@ -242,3 +242,20 @@ def test_duplicate_barcodes_and_bad_values(spots, tmp_path):
     for target in (tmp_path / "e.zarr", f"file://{tmp_path / 'e.zarr'}"):
         with pytest.raises(InputError, match="already exists: pass --overwrite"):
             ingest.from_anndata(spots, target)
+
+
+def test_formats_are_found_by_their_readers_hooks(tmp_path):
+    from dflashdeconv.engine.ingest import READERS, Reader, guess_format, register_reader
+
+    assert list(READERS) == ["h5ad", "gem", "gef", "visium-hd", "spatialdata"]
+    assert guess_format(tmp_path / "x.h5ad") == "h5ad"
+    assert guess_format(tmp_path / "x.gem.gz") == "gem"
+    (tmp_path / "sd.zarr").mkdir()
+    (tmp_path / "sd.zarr" / "zarr.json").write_text("{}")
+    assert guess_format(tmp_path / "sd.zarr") == "spatialdata"
+    with pytest.raises(InputError, match=r"cannot tell the format of .*\.h5ad, \.gem\[\.gz\]"):
+        guess_format(tmp_path / "x.csv")
+    with pytest.raises(InputError, match="unknown format 'csv'"):
+        ingest.from_path(tmp_path / "x.csv", tmp_path / "s.zarr", format="csv")
+    with pytest.raises(InputError, match="a reader for 'h5ad' is registered"):
+        register_reader(Reader("h5ad", lambda p: False, ingest.from_h5ad, ".h5ad"))
