@@ -276,3 +276,20 @@ def test_resume_after_an_interrupted_publish(source, undisturbed, tmp_path, dask
     summary = deconvolve_store(path, X, types, genes, scheduler=dask_client, resume=True, **RUN)
     assert summary["converged"] and "resumed" not in summary
     assert np.array_equal(read_results(path).to_numpy(), undisturbed[0])
+
+
+def test_a_lock_is_never_seen_without_its_owner(tmp_path):
+    """The lock file appears with its owner written (linked into place): a lock read empty
+    or unreadable (as a half-written one would be) is busy, never stale and taken over."""
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / LOCK_NAME).write_text("")
+    with pytest.raises(StoreLockedError, match="in use by another run"):
+        StoreLock(store, "second").acquire()
+    (store / LOCK_NAME).unlink()
+    with StoreLock(store, "first"):
+        owner = json.loads((store / LOCK_NAME).read_text())
+        assert owner["pid"] == os.getpid() and owner["purpose"] == "first"
+        with pytest.raises(StoreLockedError, match=r"\(first, pid"):
+            StoreLock(store, "second").acquire()
+    assert sorted(p.name for p in store.iterdir()) == []  # no lock, no draft left

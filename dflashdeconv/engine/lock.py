@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 
 from ..errors import DFlashDeconvError
 from .store import local_path
@@ -26,10 +27,10 @@ class StoreLockedError(DFlashDeconvError):
 
 def _alive(owner: dict) -> bool:
     if owner.get("host") != socket.gethostname():
-        return True  # cannot tell for another host: assume it is running
+        return True  # cannot tell for another host (or an unreadable lock): assume it runs
     try:
         os.kill(int(owner.get("pid", -1)), 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, ValueError):
         return False
     except PermissionError:
         return True
@@ -57,22 +58,29 @@ class StoreLock:
         payload = json.dumps(self.owner).encode()
         if local is not None:
             file = local / LOCK_NAME
-            for _ in range(2):
-                try:
-                    fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
+            # written aside, then linked into place: the lock never exists without its owner
+            # (a lock seen empty would look stale and be taken over)
+            draft = local / f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex}"
+            draft.write_bytes(payload)
+            try:
+                for _ in range(2):
                     try:
-                        owner = json.loads(file.read_text() or "{}")
-                    except (OSError, ValueError):
-                        owner = {}
-                    if owner and _alive(owner):
-                        raise self._busy(owner) from None
-                    file.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(payload)
-                self._held = True
-                return self
+                        os.link(draft, file)
+                    except FileExistsError:
+                        try:
+                            owner = json.loads(file.read_text())
+                        except FileNotFoundError:
+                            continue  # released meanwhile
+                        except (OSError, ValueError):
+                            owner = {"pid": "unreadable"}
+                        if _alive(owner):
+                            raise self._busy(owner) from None
+                        file.unlink(missing_ok=True)  # stale: its process is gone
+                        continue
+                    self._held = True
+                    return self
+            finally:
+                draft.unlink(missing_ok=True)
             raise self._busy({})
         import fsspec
 
