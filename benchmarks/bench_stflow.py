@@ -29,6 +29,7 @@ What it does, exactly:
 
     python benchmarks/bench_stflow.py [--seeds 3] [--raw] [--splits C5 B4 loso]
     python benchmarks/bench_stflow.py --timing      # tile + embed + train + predict, ~4k spots
+    python benchmarks/bench_stflow.py --cluster     # the GPUs seen and the default cluster
 """
 
 from __future__ import annotations
@@ -282,6 +283,8 @@ def main():
                         "when available)")
     parser.add_argument("--cache", default=None, help="cache folder (default: DFLASHDECONV_CACHE)")
     parser.add_argument("--timing", action="store_true", help="time one ~4k-spot slide")
+    parser.add_argument("--cluster", action="store_true",
+                        help="print the GPUs seen and the workers of the default cluster")
     parser.add_argument("--timing-epochs", type=int, default=STFlow().epochs)
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address")
     args = parser.parse_args()
@@ -291,6 +294,14 @@ def main():
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with connect(args.scheduler) as client:
+        if args.cluster:
+            from dflashdeconv.engine.cluster import visible_gpus
+            from dflashdeconv.histo.devices import gpu_workers
+
+            print(f"visible GPUs: {visible_gpus()}; cluster: "
+                  f"{len(client.scheduler_info()['workers'])} workers, GPU workers "
+                  f"{gpu_workers(client)}")
+            return
         if args.timing:
             timing(client, args.cache, args.timing_epochs)
             return

@@ -7,14 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 nvidia-smi -L || echo "nvidia-smi: no NVIDIA driver here (the figures below are CPU figures)"
-$PYTHON - <<'PY'
-from dflashdeconv.engine.cluster import connect, visible_gpus
-from dflashdeconv.histo.devices import gpu_workers
-print("visible GPUs:", visible_gpus())
-with connect(quiet=True) as client:
-    print("default cluster:", len(client.scheduler_info()["workers"]), "workers, GPU workers:",
-          gpu_workers(client))
-PY
+$PYTHON benchmarks/bench_stflow.py --cluster
 CACHE=$(mktemp -d)
 trap 'rm -rf "$CACHE"' EXIT
 time $PYTHON benchmarks/bench_stflow.py --timing --cache "$CACHE"
