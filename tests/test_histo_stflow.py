@@ -181,3 +181,15 @@ def test_verbose_logs_the_training_loss(training, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "STFlow epoch" in line]
     assert [line.split(":")[0] for line in lines] == ["[dflashdeconv] STFlow epoch 1/11",
                                                       "[dflashdeconv] STFlow epoch 11/11"]
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_named(training):
+    features, coords, expression, _ = training
+    if torch.cuda.is_available():  # on a GPU machine: a device beyond the visible ones
+        with pytest.raises(InputError, match=r"device='cuda:99': only \d+ GPU"):
+            STFlow(**TINY, device="cuda:99").fit(features, coords, expression)
+    else:  # never a silent CPU run when the user asked for a GPU
+        with pytest.raises(InputError, match="asked for a GPU but CUDA is not available"):
+            STFlow(**TINY, device="cuda").fit(features, coords, expression)
+    with pytest.raises(InputError, match="'gpu0' is not a torch device"):
+        STFlow(**TINY, device="gpu0").fit(features, coords, expression)

@@ -245,7 +245,12 @@ def test_duplicate_barcodes_and_bad_values(spots, tmp_path):
 
 
 def test_formats_are_found_by_their_readers_hooks(tmp_path):
-    from dflashdeconv.engine.ingest import READERS, Reader, guess_format, register_reader
+    from dflashdeconv.engine.ingest import (
+        READERS,
+        Reader,
+        guess_format,
+        register_reader,
+    )
 
     assert list(READERS) == ["h5ad", "gem", "gef", "visium-hd", "spatialdata"]
     assert guess_format(tmp_path / "x.h5ad") == "h5ad"

@@ -404,7 +404,21 @@ class STFlow(BaseEstimator):
         validate_params(self)
 
     def _torch_device(self) -> torch.device:
-        return torch.device(self.device or "cpu")
+        """The device asked for; a GPU asked for where none is usable is an error (never a
+        silent CPU run)."""
+        try:
+            device = torch.device(self.device or "cpu")
+        except RuntimeError as error:
+            raise InputError(f"device={self.device!r} is not a torch device ({error})") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise InputError(f"device={self.device!r} asked for a GPU but CUDA is not "
+                                 "available here (CPU-only torch, or no GPU visible); use "
+                                 "device=None for the CPU")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise InputError(f"device={self.device!r}: only {torch.cuda.device_count()} "
+                                 "GPU(s) are visible")
+        return device
 
     def _slides(self, features, coords, slide_ids, expression=None) -> list[_Slide]:
         """Standardised per-slide arrays (spots grouped by ``slide_ids``) from checked
