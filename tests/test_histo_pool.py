@@ -29,10 +29,10 @@ from dflashdeconv.histo.slide import (
     add_spots,
     slide_image,
     spots_table,
-    tile_grid,
 )
 from dflashdeconv.histo.stflow import STFlow
 from dflashdeconv.histo.synthetic import synthetic_slide
+from dflashdeconv.histo.tissue import tile_grid
 from dflashdeconv.tl import predict_cell_types
 
 TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=20, chunks_per_slide=8,

@@ -19,9 +19,9 @@ from dflashdeconv.histo.slide import (
     open_slide,
     slide_image,
     spots_table,
-    tile_grid,
 )
 from dflashdeconv.histo.synthetic import synthetic_slide
+from dflashdeconv.histo.tissue import detect_tissue, tile_grid
 
 SIZE = 2200
 
@@ -205,7 +205,7 @@ def test_mismatched_coordinate_systems_are_rejected(synthetic):
 
 def test_tissue_detection_and_grid_follow_the_tissue(files, synthetic, tmp_path):
     slide = slide_image(open_slide(files / "slide.png", slide_mpp=1.0, cache=tmp_path))
-    mask = slides.detect_tissue(slide)
+    mask = detect_tissue(slide)
     assert mask.downsample == 2.0
     yy, xx = np.mgrid[0:mask.mask.shape[0], 0:mask.mask.shape[1]] / mask.mask.shape[0]
     ellipse = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.36) ** 2 < 1.0
@@ -237,7 +237,7 @@ def test_her2st_section_opens_with_its_spots(tmp_path):
     assert slide.shape == (9901, 9272)
     assert slide.mpp == pytest.approx(1 / spots.uns["px_per_um"])
     spec = TileSpec()
-    on_spots = slides.detect_tissue(slide).fraction(spots_table(sdata).centres, slide.field_px(spec))
+    on_spots = detect_tissue(slide).fraction(spots_table(sdata).centres, slide.field_px(spec))
     assert on_spots.mean() > 0.85
     assert 400 < len(tile_grid(slide, spec)) < 800
 

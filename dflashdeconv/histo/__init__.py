@@ -11,8 +11,8 @@ import importlib
 
 _EXPORTS = {
     "open_slide": "slide", "add_spots": "slide", "spots_table": "slide",
-    "slide_image": "slide", "detect_tissue": "slide", "tile_grid": "slide",
-    "TileSpec": "slide", "SlideImage": "slide", "TissueMask": "slide",
+    "slide_image": "slide", "detect_tissue": "tissue", "tile_grid": "tissue",
+    "TileSpec": "slide", "SlideImage": "slide", "TissueMask": "tissue",
     "get_encoder": "encoders", "register_encoder": "encoders",
     "available_encoders": "encoders", "Encoder": "encoders",
     "STFlow": "stflow",

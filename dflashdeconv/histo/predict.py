@@ -27,9 +27,9 @@ from .slide import (
     open_slide,
     slide_image,
     spots_table,
-    tile_grid,
 )
 from .stflow import STFlow
+from .tissue import tile_grid
 
 #: Where :func:`predict_expression` predicts.
 LOCATIONS = ("tiles", "spots")
