@@ -222,12 +222,13 @@ def summary(results, kind):
     methods = list(next(iter(results.values())))
     columns = [t for t in ("C5", "B4") if t in results]
     loso = [t for t in PATIENT_C if t in results] if "C2" in results else []
-    header = "".join(f"{c:>8}" for c in columns) + ("  LOSO C2-C5" if loso else "")
+    label = f"  LOSO {'+'.join(loso)}" if loso else ""  # the folds run (all four with C5)
+    header = "".join(f"{c:>8}" for c in columns) + label
     print(f"  {'method':<24}{header}")
     for method in methods:
         line = "".join(f"{results[c][method][0]:8.3f}" for c in columns)
         if loso:
-            line += f"  {np.mean([results[t][method][0] for t in loso]):11.3f}"
+            line += f"{np.mean([results[t][method][0] for t in loso]):{len(label)}.3f}"
         print(f"  {method:<24}{line}")
     for column in columns + (["LOSO"] if loso else []):
         tests = loso if column == "LOSO" else [column]
