@@ -110,8 +110,10 @@ def load(client, encoder, weights, cache) -> dict:
         features, _ = pool.embed_tiles(client, slide_image(sdata), located.centres, SPEC,
                                        encoder, weights=weights, cache=cache)
         order = located.table.obs_names.get_indexer(counts(section).obs_names)
-        data[section] = {"features": np.asarray(features)[order],
-                         "coords": np.asarray(located.centres)[order]}
+        coords = np.asarray(located.centres)[order]
+        _, nearest = cKDTree(coords).query(coords, k=7)
+        data[section] = {"features": np.asarray(features)[order], "coords": coords,
+                         "nearest": nearest[:, 1:]}  # the 6 nearest other spots
     return data
 
 
@@ -141,8 +143,7 @@ def design(data, sections, training, norm: str, neighbours: bool) -> dict:
             mean, scale = f.mean(0), f.std(0)
         z = (f - mean) / np.where(scale > 1e-8, scale, 1.0)
         if neighbours:
-            _, nearest = cKDTree(data[s]["coords"]).query(data[s]["coords"], k=7)
-            z = np.hstack([z, z[nearest[:, 1:]].mean(1)])
+            z = np.hstack([z, z[data[s]["nearest"]].mean(1)])
         out[s] = z
     return out
 

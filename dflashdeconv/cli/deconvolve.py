@@ -120,7 +120,7 @@ def run(args) -> int:
 
             adata = read_store_view(args.spatial, key)
     else:
-        adata, sdata = _read_in_memory(args, kind)
+        adata, sdata, table = _read_in_memory(args, kind)
         with status(f"deconvolving {adata.n_obs:,} spots in memory", args.quiet):
             tl.deconvolve(sdata if sdata is not None else adata, reference,
                           cell_type_key=args.cell_type_key, key_added=key, layer=args.layer,
@@ -131,12 +131,11 @@ def run(args) -> int:
         where = ""
         if sdata is not None:
             with status(f"writing the results into {args.spatial}", args.quiet):
-                name = _table_name(sdata, args.table_key)
                 # spatialdata refuses to overwrite an element inside its own store: the table
                 # is in memory, so its old copy is deleted from disk, then it is written
-                sdata.delete_element_from_disk(name)
-                sdata.write_element(name)
-            where = f"table {_table_name(sdata, args.table_key)!r} of {args.spatial}"
+                sdata.delete_element_from_disk(table)
+                sdata.write_element(table)
+            where = f"table {table!r} of {args.spatial}"
     if args.out:
         with status(f"writing {args.out}", args.quiet):
             _write_out(adata, key, args.out)
@@ -152,21 +151,16 @@ def run(args) -> int:
 
 
 def _read_in_memory(args, kind):
-    """(table AnnData, SpatialData or None) of an in-memory SPATIAL."""
-    from ..io import read_anndata
+    """(table AnnData, SpatialData or None, table name or None) of an in-memory SPATIAL."""
+    from ..io import read_anndata, spatialdata_table
 
     if kind == "anndata":
-        return read_anndata(args.spatial), None
+        return read_anndata(args.spatial), None, None
     import spatialdata as sd
 
     sdata = sd.read_zarr(args.spatial)
-    return sdata.tables[_table_name(sdata, args.table_key)], sdata
-
-
-def _table_name(sdata, table_key) -> str:
-    from ..io import spatialdata_table
-
-    return spatialdata_table(sdata, table_key)[0]
+    table, adata = spatialdata_table(sdata, args.table_key)
+    return adata, sdata, table
 
 
 def _write_out(adata, key: str, out: str) -> None:

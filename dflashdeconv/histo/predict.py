@@ -132,8 +132,9 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
     (default; the spot's total counts are learnt beside them) or raw log1p counts.
     ``encoder``: a name of :func:`~dflashdeconv.histo.available_encoders` (a pathology
     ViT such as ``"uni"`` with its local ``encoder_weights`` and ``encoder_options``, e.g.
-    ``{"n_heads": 16}`` for ``"vit"``). Reference patches are centred on the spots with ``tile_spec`` (the same spec must be
-    used for the query tiles; it is recorded in the model). ``model``: an unfitted
+    ``{"n_heads": 16}`` for ``"vit"``). Reference patches are centred on the spots with
+    ``tile_spec`` (the same spec must be used for the query tiles; it is recorded in the
+    model). ``model``: an unfitted
     :class:`STFlow` carrying the training parameters (default ``STFlow()``). Tasks run
     on the GPU pool of ``scheduler`` (a Client or address; None starts a LocalCluster).
     """
