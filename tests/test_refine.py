@@ -129,14 +129,14 @@ def test_an_interrupted_refinement_resumes_at_its_second_phase(platform_store, i
 
     X, types, genes = load_reference(PLATFORM.reference())
     path = _copy(platform_store, tmp_path, "r.zarr")
-    refine_store = engine_run.refine_store
+    fit_refinement = engine_run.fit_refinement
 
     def stopped(*args, **kwargs):  # a SIGTERM once phase 1 is recorded
-        result = refine_store(*args, **kwargs)
+        result = fit_refinement(*args, **kwargs)
         stop.request()
         return result
 
-    monkeypatch.setattr(engine_run, "refine_store", stopped)
+    monkeypatch.setattr(engine_run, "fit_refinement", stopped)
     try:
         with pytest.raises(Terminated):
             deconvolve_store(path, X, types, genes, scheduler=dask_client, refine="auto",
@@ -145,7 +145,7 @@ def test_an_interrupted_refinement_resumes_at_its_second_phase(platform_store, i
         stop.clear()
     with pytest.raises(InputError, match="no completed results"):
         read_results(path)
-    monkeypatch.setattr(engine_run, "refine_store", refine_store)
+    monkeypatch.setattr(engine_run, "fit_refinement", fit_refinement)
     monkeypatch.setattr(refine_math, "fit_global", lambda *a, **k: pytest.fail("phase 1 rerun"))
     with pytest.raises(InputError, match="other inputs or parameters"):
         deconvolve_store(path, X, types, genes, scheduler=dask_client, refine="wls",

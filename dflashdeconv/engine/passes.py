@@ -4,8 +4,9 @@ Each task reads one block (a row chunk) and calls a core kernel on it, as dask-i
 wraps scipy.ndimage: (a) :func:`~dflashdeconv.core.genes.gene_moments` for the HVG and
 Pearson statistics, merged by exact integer sums; (b)
 :func:`~dflashdeconv.core.project.project` for ``H = Y_repr X_repr^T`` and the spot norms,
-written block-aligned into the run group of the store. After (b) the counts are not read
-again by the solver.
+written block-aligned into the run group of the store, from where the solver reads them:
+only the refinement's small subsample and each block's depth range stay on the workers.
+After (b) the counts are not read again by the solver.
 """
 
 from __future__ import annotations
@@ -57,13 +58,19 @@ def statistics_pass(client, store: SpotStore, column_map: np.ndarray, *,
     return merge_moments(client.gather(futures))
 
 
+def depth_range(totals: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest positive depth of a block ((inf, 0) if none is positive)."""
+    positive = totals[totals > 0]
+    return (float(positive.min()), float(positive.max())) if positive.size else (np.inf, 0.0)
+
+
 @worker_task
 def block_projection(store: SpotStore, block: int, transform: SpotTransform, run_path: str,
                      subsample: bool = False):
-    """Pass (b) on one block: ``(H, ysq, selected_totals, refine subsample or None)``, the
-    first three written to the run group, the block then marked done (an interrupted block
-    is redone on resume). With ``subsample`` the block's spots of the refinement's phase 1
-    are set aside while the block is in memory."""
+    """Pass (b) on one block: ``H``, ``ysq`` and the selected totals written to the run
+    group, the block then marked done (an interrupted block is redone on resume). Returns
+    ``(depth range, refinement subsample or None)``: with ``subsample`` the block's spots of
+    the refinement's phase 1 are set aside while the block is in memory."""
     indptr, indices, data = store.read_block(block)
     start, stop = store.block_rows(block)
     H, ysq, totals = project(indptr, indices, data, transform, row_offset=start)
@@ -75,27 +82,26 @@ def block_projection(store: SpotStore, block: int, transform: SpotTransform, run
     run["projected"][block] = True
     kept = (block_subsample(store, block, indptr, indices, data, transform.gene_pos)
             if subsample else None)
-    return H, ysq, totals, kept
+    return depth_range(totals), kept
 
 
 @worker_task
 def load_projection(store: SpotStore, block: int, run_path: str, gene_pos=None):
-    """A block's projection recorded by an earlier, interrupted run (the refinement's
-    subsample is read again from the block when ``gene_pos`` is given)."""
+    """What :func:`block_projection` returns, for a block an earlier, interrupted run
+    projected (the refinement's subsample is read again from the block when ``gene_pos``
+    is given)."""
     start, stop = store.block_rows(block)
-    run = open_zarr(run_path, "r")
+    totals = np.asarray(open_zarr(run_path, "r")["selected_totals"][start:stop])
     kept = None
     if gene_pos is not None:
         kept = block_subsample(store, block, *store.read_block(block), gene_pos)
-    return (np.asarray(run["H"][start:stop]), np.asarray(run["ysq"][start:stop]),
-            np.asarray(run["selected_totals"][start:stop]), kept)
+    return depth_range(totals), kept
 
 
 def projection_pass(client, store: SpotStore, transform: SpotTransform, run_path: str,
                     done: np.ndarray, *, subsample: bool = False, progress: bool = True) -> list:
-    """Futures of the per-block ``(H, ysq, totals, subsample)``, kept in worker memory for
-    the solver (and the refinement); blocks marked ``done`` are read back instead of
-    recomputed."""
+    """Futures of the per-block ``(depth range, refinement subsample)`` (the projection
+    itself is in the run group); blocks marked ``done`` are not projected again."""
     gene_pos = transform.gene_pos if subsample else None
     transform_future = shared(client, transform)
     futures = [client.submit(load_projection, store, b, run_path, gene_pos, pure=False)

@@ -1,5 +1,6 @@
 """The refinement (core.refine) over a spot store: phase 1 on the client from a subsample
-the projection pass set aside, phase 2 per block on the workers.
+the projection pass set aside, phase 2 per block on the workers as the results are written
+(:func:`dflashdeconv.engine.results.write_block_results`).
 
 The subsample is the same spots as in memory (input row a multiple of the stride), so the
 gene factors and the dispersion are the in-memory ones up to summation order, and phase 2
@@ -14,8 +15,8 @@ import numpy as np
 from scipy import sparse
 
 from ..core import refine as refine_math
-from .cluster import shared, worker_task
-from .progress import track
+from .elements import array_element
+from .solve import read_beta
 from .store import SpotStore, open_zarr
 
 #: Run-group array holding the recorded phase-1 model.
@@ -36,21 +37,24 @@ def block_subsample(store: SpotStore, block: int, indptr, indices, data,
     return positions, input_rows[positions], rows[positions][:, used].tocsr()
 
 
-def _subsample_start(projection, beta):
-    positions, input_rows, counts = projection[3]
+def _subsample_start(projected, run_path: str, slot, rows: tuple[int, int], n_types: int):
+    positions, input_rows, counts = projected[1]
+    beta = read_beta(run_path, slot, *rows, n_types)
     return input_rows, counts, refine_math.start_proportions(beta[positions])
 
 
-def _depth_range(projection) -> tuple[float, float]:
-    depth = projection[2]
-    positive = depth[depth > 0]
-    return (float(positive.min()), float(positive.max())) if positive.size else (np.inf, 0.0)
+def _depth_range(projected) -> tuple[float, float]:
+    return projected[0]
 
 
-def fit_model(client, store: SpotStore, projection: list, beta: list, mu: np.ndarray,
+def fit_model(client, store: SpotStore, projection: list, run_path: str, slot, mu: np.ndarray,
               mode: str) -> refine_math.RefineModel:
-    """Phase 1 from the subsample rows held with the projection futures."""
-    parts = client.gather(client.map(_subsample_start, projection, beta, pure=False))
+    """Phase 1 from the subsample rows held with the projection futures and the solver's
+    abundances at ``slot``."""
+    rows = [store.block_rows(b) for b in range(store.n_blocks)]
+    n = len(projection)
+    parts = client.gather(client.map(_subsample_start, projection, [run_path] * n, [slot] * n,
+                                     rows, [mu.shape[0]] * n, pure=False))
     input_rows = np.concatenate([p[0] for p in parts])
     order = np.argsort(input_rows, kind="stable")
     counts = sparse.vstack([p[1] for p in parts]).tocsr()[order]
@@ -62,13 +66,11 @@ def fit_model(client, store: SpotStore, projection: list, beta: list, mu: np.nda
 
 
 def record_model(run_path: str, model: refine_math.RefineModel) -> None:
-    from .results import _array
-
     run = open_zarr(run_path, "r+")
     group = run.require_group(MODEL_GROUP)
     for name, values in model.to_arrays().items():
         values = np.asarray(values, np.float64)
-        _array(group, name, values.shape, np.float64, values.shape or (1,))[...] = values
+        array_element(group, name, values.shape, np.float64, values.shape or (1,))[...] = values
     run.attrs["refine_recorded"] = True
 
 
@@ -82,7 +84,6 @@ def recorded_model(run_path: str, mode: str, mu: np.ndarray):
         mode, mu, {name: np.asarray(group[name][...]) for name in group.array_keys()})
 
 
-@worker_task
 def refine_block(store: SpotStore, block: int, gene_pos: np.ndarray,
                  model: refine_math.RefineModel, beta: np.ndarray):
     """Phase 2 on one block: (refined proportions, global rows of failed spots)."""
@@ -92,29 +93,13 @@ def refine_block(store: SpotStore, block: int, gene_pos: np.ndarray,
     return proportions, store.block_rows(block)[0] + np.flatnonzero(failed)
 
 
-def _proportions_of(result):
-    return result[0]
-
-
-def _failed_of(result):
-    return result[1]
-
-
-def refine_store(client, store: SpotStore, X: np.ndarray, genes: np.ndarray, gene_pos,
-                 projection: list, beta: list, run_path: str, refine: str, *,
-                 progress: bool = True):
-    """Refined proportions (futures, one per block), the model and the failed rows."""
+def fit_refinement(client, store: SpotStore, X: np.ndarray, genes: np.ndarray, projection: list,
+                   run_path: str, slot, refine: str) -> refine_math.RefineModel:
+    """Phase 1's model, fitted and recorded (or the one an interrupted run recorded)."""
     mode = refine_math.resolve(refine)
     mu = refine_math.profiles(X, genes)
     model = recorded_model(run_path, mode, mu)
     if model is None:
-        model = fit_model(client, store, projection, beta, mu, mode)
+        model = fit_model(client, store, projection, run_path, slot, mu, mode)
         record_model(run_path, model)
-    model_future = shared(client, model)
-    results = client.map(refine_block, [store] * store.n_blocks, range(store.n_blocks),
-                         [gene_pos] * store.n_blocks, [model_future] * store.n_blocks, beta,
-                         pure=False)
-    track(results, f"refine ({mode})", enabled=progress)
-    failed = np.concatenate(client.gather(client.map(_failed_of, results, pure=False)))
-    proportions = client.map(_proportions_of, results, pure=False)
-    return proportions, model, failed
+    return model

@@ -23,32 +23,15 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataWarning, InputError
-from .store import _ALL_CHUNKS, SpotStore, fast_codec, local_path, open_zarr
+from .cluster import worker_task
+from .elements import ALL_CHUNKS, array_element, dict_group, encoded, row_array
+from .store import SpotStore, fast_codec, local_path, open_zarr
 
 INPUT_KEYS = {"spatial", "input_row", "_index"}
 
 
 def run_group_name(key: str) -> str:
     return f"{key}_run"
-
-
-def _dict_group(parent, name):
-    group = parent.require_group(name)
-    group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    return group
-
-
-def _array(group, name, shape, dtype, chunks, **options):
-    """A zarr array that anndata reads as an array element (``options`` go to zarr)."""
-    array = group.create_array(name, shape=shape, dtype=dtype, overwrite=True, chunks=chunks,
-                               config=_ALL_CHUNKS, **options)
-    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    return array
-
-
-def _row_array(group, name, shape, dtype, chunk_rows):
-    """A per-spot array chunked like the store's blocks."""
-    return _array(group, name, shape, dtype, (chunk_rows, *shape[1:]), compressors=fast_codec())
 
 
 def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwrite: bool = False,
@@ -89,11 +72,12 @@ def open_run(store: SpotStore, key: str, cell_types, fingerprint: str, *, overwr
                           stacklevel=4)
         del root["uns"][run_name]
     n, K, rows = store.n_spots, len(cell_types), store.chunk_rows
-    run = _dict_group(root["uns"], run_name)
+    run = dict_group(root["uns"], run_name)
     for name, shape in (("H", (n, K)), ("beta", (n, K)), ("ysq", (n,)), ("selected_totals", (n,))):
-        _row_array(run, name, shape, np.float64, rows)
-    _array(run, "beta_checkpoint", (2, n, K), np.float64, (1, rows, K), compressors=fast_codec())
-    done = _array(run, "projected", (store.n_blocks,), bool, (1,), fill_value=False)
+        row_array(run, name, shape, np.float64, rows)
+    array_element(run, "beta_checkpoint", (2, n, K), np.float64, (1, rows, K),
+                  compressors=fast_codec())
+    done = array_element(run, "projected", (store.n_blocks,), bool, (1,), fill_value=False)
     done[...] = False
     run.attrs.update({"status": "running", "cell_types": list(names), "fingerprint": fingerprint})
     return run_path, dict(run.attrs)
@@ -112,14 +96,13 @@ def prepare_staging(store: SpotStore, key: str, run_path: str) -> None:
         del run["staging"]
     names = list(run.attrs["cell_types"])
     n, rows = store.n_spots, store.chunk_rows
-    staging = _dict_group(run, "staging")
-    frame = staging.require_group("proportions")
-    frame.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
-                        "_index": "_index", "column-order": names})
+    staging = dict_group(run, "staging")
+    frame = encoded(staging.require_group("proportions"), "dataframe")
+    frame.attrs.update({"_index": "_index", "column-order": names})
     for name in names:
-        _row_array(frame, name, (n,), np.float64, rows)
-    _row_array(staging, "dominant_codes", (n,), np.int16, rows)
-    _row_array(staging, "zero_signal", (n,), bool, rows)
+        row_array(frame, name, (n,), np.float64, rows)
+    row_array(staging, "dominant_codes", (n,), np.int16, rows)
+    row_array(staging, "zero_signal", (n,), bool, rows)
 
 
 def record_halos(run_path: str, halos: list) -> None:
@@ -129,7 +112,7 @@ def record_halos(run_path: str, halos: list) -> None:
     indptr = np.concatenate([[0], np.cumsum([len(h) for h in halos])]).astype(np.int64)
     rows = np.concatenate(halos).astype(np.int64) if halos else np.empty(0, np.int64)
     for name, values in (("halo_indptr", indptr), ("halo_rows", rows)):
-        _array(run, name, values.shape, np.int64, (max(values.size, 1),))[...] = values
+        array_element(run, name, values.shape, np.int64, (max(values.size, 1),))[...] = values
 
 
 def record(run_path: str, **attrs) -> None:
@@ -137,25 +120,33 @@ def record(run_path: str, **attrs) -> None:
     open_zarr(run_path, "r+").attrs.update(attrs)
 
 
-def write_block_results(store: SpotStore, run_path: str, block: int, beta: np.ndarray,
-                        totals: np.ndarray, refined: np.ndarray | None = None) -> int:
-    """One block's rows of ``beta``, proportions (``refined`` ones if given), dominant type
-    and zero-signal flag; returns the number of zero-signal spots."""
+@worker_task
+def write_block_results(store: SpotStore, run_path: str, block: int, slot: int | None,
+                        refinement=None) -> tuple[int, np.ndarray]:
+    """One block's rows of ``beta`` (the solver's, at checkpoint ``slot``), proportions,
+    dominant type and zero-signal flag. ``refinement = (gene_pos, model)`` refines the
+    proportions first (phase 2, on the block's counts). Returns the number of zero-signal
+    spots and the global rows of spots whose refinement failed."""
     from ..core.solver import normalize_proportions
+    from .refine import refine_block
+    from .solve import read_beta
 
     start, stop = store.block_rows(block)
     run = open_zarr(run_path, "r+")
+    names = run.attrs["cell_types"]
+    beta = read_beta(run_path, slot, start, stop, len(names))
     proportions, all_zero = normalize_proportions(beta)
-    if refined is not None:
-        proportions = refined
+    failed = np.empty(0, np.int64)
+    if refinement is not None:
+        proportions, failed = refine_block(store, block, *refinement, beta)
     run["beta"][start:stop] = beta
     frame = run["staging"]["proportions"]
-    for k, name in enumerate(run.attrs["cell_types"]):
+    for k, name in enumerate(names):
         frame[name][start:stop] = proportions[:, k]
     run["staging"]["dominant_codes"][start:stop] = np.argmax(proportions, axis=1).astype(np.int16)
-    zero = all_zero | (totals <= 0)
+    zero = all_zero | (np.asarray(run["selected_totals"][start:stop]) <= 0)
     run["staging"]["zero_signal"][start:stop] = zero
-    return int(zero.sum())
+    return int(zero.sum()), failed
 
 
 def _move(store: SpotStore, source: str, target: str) -> None:
@@ -176,14 +167,28 @@ def _move(store: SpotStore, source: str, target: str) -> None:
     del root[source.rpartition("/")[0]][source.rpartition("/")[2]]
 
 
+def _copy_array(src, parent, name):
+    """Copy a zarr array (same data type, chunks, codecs and attributes) a row chunk at a
+    time, so that memory follows the chunk size."""
+    v3 = src.metadata.zarr_format == 3
+    codecs = {"serializer": src.serializer} if v3 else {}
+    out = parent.create_array(name, shape=src.shape,
+                              dtype=src.metadata.data_type if v3 else src.metadata.dtype,
+                              chunks=src.chunks, compressors=src.compressors,
+                              filters=src.filters, overwrite=True, config=ALL_CHUNKS, **codecs)
+    step = src.chunks[0] if src.ndim else 1
+    for start in range(0, src.shape[0] if src.ndim else 1, max(step, 1)):
+        rows = slice(start, start + step) if src.ndim else ...
+        out[rows] = src[rows]
+    out.attrs.update(src.attrs.asdict())
+    return out
+
+
 def _copy_node(src, parent, name):
     import zarr
 
     if isinstance(src, zarr.Array):
-        out = parent.create_array(name, shape=src.shape, dtype=src.dtype, chunks=src.chunks,
-                                  config=_ALL_CHUNKS, compressors=fast_codec())
-        out[...] = src[...]
-        out.attrs.update(src.attrs.asdict())
+        _copy_array(src, parent, name)
         return
     group = parent.create_group(name)
     group.attrs.update(src.attrs.asdict())
@@ -200,7 +205,8 @@ def publish(store: SpotStore, key: str, params: dict) -> None:
     run = root["uns"][run_name]
     cell_types = list(run.attrs["cell_types"])
     staging = run["staging"]
-    write_elem(staging["proportions"], "_index", store.obs_names().to_numpy().astype(object))
+    obs = root["obs"]
+    _copy_array(obs[obs.attrs.get("_index", "_index")], staging["proportions"], "_index")
     codes = np.asarray(staging["dominant_codes"][...])
     write_elem(staging, "dominant", pd.Categorical.from_codes(codes, categories=cell_types))
     _move(store, f"uns/{run_name}/staging/proportions", f"obsm/{key}")

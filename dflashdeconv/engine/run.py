@@ -38,9 +38,9 @@ from ..core.refine import warn_refinement
 from ..core.validation import check_reference
 from . import passes
 from .blocks import build_graph
-from .cluster import connect
+from .cluster import connect, shared
 from .lock import StoreLock
-from .refine import refine_store
+from .refine import fit_refinement
 from .results import (
     open_run,
     prepare_staging,
@@ -49,7 +49,7 @@ from .results import (
     record_halos,
     write_block_results,
 )
-from .solve import BlockSolver, beta_of, make_problem
+from .solve import BlockSolver, make_problem
 from .store import SpotStore, open_zarr
 
 
@@ -134,8 +134,10 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     gram = transform.rep.gram
     lam, rho = penalties(gram, mean_degree, params)
     t0 = time.perf_counter()
-    problems = client.map(make_problem, graphs, projection, pure=False)
-    solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)])
+    problems = client.map(make_problem, graphs, pure=False)
+    del graphs  # the problems keep the graph rows they need
+    solver = BlockSolver(client, problems, [store.block_rows(b) for b in range(store.n_blocks)],
+                         run_path, len(types))
     record_halos(run_path, solver.halos)
     bar = _RoundProgress(params["tol"]) if progress else None
 
@@ -145,8 +147,8 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
             bar.update(round_, change)
 
     try:
-        solution = solver.solve(gram, lam, rho, n_types=len(types), max_iter=params["max_iter"],
-                                tol=params["tol"], inner_sweeps=inner_sweeps, run_path=run_path,
+        solution = solver.solve(gram, lam, rho, max_iter=params["max_iter"], tol=params["tol"],
+                                inner_sweeps=inner_sweeps,
                                 resume_from=recorded.get("checkpoint"), on_round=on_round)
     finally:
         if bar:
@@ -154,33 +156,35 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     timings["solver"] = time.perf_counter() - t0
     if not solution.converged:
         warn_not_converged(params, solution.changes[-1], stacklevel=4)
-    ysq = client.map(_part, projection, [1] * len(projection), pure=False)
-    totals = client.map(_part, projection, [2] * len(projection), pure=False)
-    objective = solver.objective(solution.states, ysq, gram, lam, rho)
-    beta = client.map(beta_of, solution.states, pure=False)
+    objective = solver.objective(solution.slot, gram, lam, rho)
 
-    refined, refine_record = [None] * store.n_blocks, {}
+    refinement, refine_record = None, {}
     if refining:
         t0 = time.perf_counter()
-        refined, model, failed = refine_store(client, store, X, genes, transform.gene_pos,
-                                              projection, beta, run_path, params["refine"],
-                                              progress=progress)
-        examples = store.obs_names()[failed[:5]] if failed.size else []
-        ok = warn_refinement(model, failed.size, examples, store.n_spots, stacklevel=4)
-        refine_record = {"refine_result": model.record() | {"n_failed": int(failed.size),
-                                                            "ok": ok}}
+        model = fit_refinement(client, store, X, genes, projection, run_path, solution.slot,
+                               params["refine"])
+        refinement = shared(client, (transform.gene_pos, model))
         timings["refine"] = time.perf_counter() - t0
+    del projection
 
     t0 = time.perf_counter()
     prepare_staging(store, key, run_path)
     written = client.map(write_block_results, [store] * store.n_blocks,
-                         [run_path] * store.n_blocks, range(store.n_blocks), beta, totals,
-                         refined, pure=False)
+                         [run_path] * store.n_blocks, range(store.n_blocks),
+                         [solution.slot] * store.n_blocks, [refinement] * store.n_blocks,
+                         pure=False)
     passes.track(written, "writing results", enabled=progress)
+    outcomes = client.gather(written)
+    if refining:
+        failed = np.concatenate([o[1] for o in outcomes])
+        examples = store.obs_names(failed[:5]) if failed.size else []
+        ok = warn_refinement(model, failed.size, examples, store.n_spots, stacklevel=4)
+        refine_record = {"refine_result": model.record() | {"n_failed": int(failed.size),
+                                                            "ok": ok}}
     summary = params_record(
         params, lambda_used=lam, types=types, n_genes_used=genes.size,
         converged=solution.converged, n_iterations=solution.n_rounds, changes=solution.changes,
-        n_zero_signal=sum(client.gather(written))) | {
+        n_zero_signal=sum(o[0] for o in outcomes)) | {
         "rho_used": float(rho),
         "genes_used": [str(g) for g in store.gene_names[store_cols[genes]]],
         "inner_sweeps": int(inner_sweeps),
@@ -195,10 +199,6 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     publish(store, key, summary | {"timings": timings})
     timings["results"] = time.perf_counter() - t0
     return summary | {"timings": timings, "key_added": key, "store": store.path}
-
-
-def _part(item, index):
-    return item[index]
 
 
 class _RoundProgress:

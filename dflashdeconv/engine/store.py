@@ -35,8 +35,6 @@ LAYOUT_KEY = "dflashdeconv_layout"
 FORMAT_VERSION = 1
 #: Elements per zarr chunk of the 1-D CSR arrays (16 MiB of float32).
 NNZ_CHUNK = 1 << 22
-#: Store every chunk, also all-zero ones: a missing chunk then always means damage.
-_ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def fast_codec():
@@ -234,8 +232,13 @@ class SpotStore:
     def coords(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return np.asarray(self.root()["obsm"]["spatial"][start:stop], dtype=np.float64)
 
-    def obs_names(self) -> pd.Index:
-        return _read_index(self.root()["obs"])
+    def obs_names(self, rows=None) -> pd.Index:
+        """Spot names, all or those at ``rows`` (read without loading the others)."""
+        obs = self.root()["obs"]
+        if rows is None:
+            return _read_index(obs)
+        index = obs[obs.attrs.get("_index", "_index")]
+        return pd.Index([str(index[int(row)]) for row in rows])
 
     def input_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Row of each spot in the source it was converted from (the k-NN tie-break key)."""

@@ -28,6 +28,7 @@ from scipy import sparse
 
 from ..errors import InputError
 from .cluster import worker_task
+from .elements import dict_group, encoded
 from .stop import check as check_stop
 from .store import (
     FORMAT_VERSION,
@@ -53,15 +54,6 @@ class BlockRows:
     coords: np.ndarray
     counts: sparse.csr_matrix
     obsm: dict = field(default_factory=dict)
-
-
-def _encoded(array, encoding: str, version: str = "0.2.0"):
-    array.attrs.update({"encoding-type": encoding, "encoding-version": version})
-    return array
-
-
-def _dict_group(parent, name: str):
-    return _encoded(parent.create_group(name), "dict", "0.1.0")
 
 
 def _all_chunks():
@@ -116,7 +108,7 @@ class StoreTarget:
         root = self.root()
         if SCRATCH in root:
             del root[SCRATCH]
-        group = _dict_group(root["uns"], LAYOUT_KEY)
+        group = dict_group(root["uns"], LAYOUT_KEY)
         group.attrs.update({"format_version": FORMAT_VERSION, **layout})
         if self.local is not None:
             if self.local.exists():
@@ -146,23 +138,23 @@ def _skeleton(root, *, n_spots, gene_names, chunk_rows, coords_dim, obsm, dtype)
     """Every element of the AnnData layout, empty, chunked like the blocks."""
     from anndata.io import write_elem
 
-    obs = _encoded(root.create_group("obs"), "dataframe")
+    obs = encoded(root.create_group("obs"), "dataframe")
     obs.attrs.update({"_index": "_index", "column-order": ["input_row", "block"]})
     rows = (chunk_rows,)
-    _encoded(obs.create_array("_index", shape=(n_spots,), dtype=str, chunks=rows), "string-array")
+    encoded(obs.create_array("_index", shape=(n_spots,), dtype=str, chunks=rows), "string-array")
     for name, kind in (("input_row", np.int64), ("block", np.int32)):
-        _encoded(obs.create_array(name, shape=(n_spots,), dtype=kind, chunks=rows,
+        encoded(obs.create_array(name, shape=(n_spots,), dtype=kind, chunks=rows,
                                   compressors=fast_codec()), "array")
     write_elem(root, "var", pd.DataFrame(index=pd.Index(np.asarray(gene_names).astype(str))))
-    group = _dict_group(root, "obsm")
-    _encoded(group.create_array("spatial", shape=(n_spots, coords_dim), dtype=np.float64,
+    group = dict_group(root, "obsm")
+    encoded(group.create_array("spatial", shape=(n_spots, coords_dim), dtype=np.float64,
                                 chunks=(chunk_rows, coords_dim), compressors=fast_codec()), "array")
     for name, (tail, kind) in (obsm or {}).items():
-        _encoded(group.create_array(name, shape=(n_spots, *tail), dtype=kind,
+        encoded(group.create_array(name, shape=(n_spots, *tail), dtype=kind,
                                     chunks=(chunk_rows, *tail), compressors=fast_codec()), "array")
     for name in ("obsp", "varm", "varp", "layers", "uns"):
-        _dict_group(root, name)
-    X = _encoded(root.create_group("X"), "csr_matrix", "0.1.0")
+        dict_group(root, name)
+    X = encoded(root.create_group("X"), "csr_matrix", "0.1.0")
     X.attrs["shape"] = [int(n_spots), len(gene_names)]
     X.create_array("data", shape=(0,), dtype=dtype, chunks=(NNZ_CHUNK,), compressors=fast_codec())
     X.create_array("indices", shape=(0,), dtype=np.int32, chunks=(NNZ_CHUNK,),
