@@ -266,7 +266,8 @@ class SyntheticTissue:
         (columns: :attr:`cell_type_names`). An existing ``path`` is refused unless
         ``overwrite``. Returns the opened :class:`~dflashdeconv.engine.store.SpotStore`.
         """
-        from .engine.store import choose_chunk_rows, spatial_order
+        from .core.order import spatial_order
+        from .engine.store import choose_chunk_rows
         from .engine.writer import StoreTarget, write_store
 
         with StoreTarget(path, overwrite=overwrite) as target:

@@ -197,19 +197,6 @@ def anndata_kind(path, what: str) -> str:
                      "SpatialData store")
 
 
-def spatialdata_table(sdata, table_key: str | None = None):
-    """``(name, table)`` of a SpatialData object: ``table_key`` or its only table."""
-    tables = list(sdata.tables)
-    if table_key is None:
-        if len(tables) != 1:
-            raise InputError(f"the SpatialData object has {len(tables)} tables ({tables}); "
-                             "name one with table_key= (--table-key)")
-        table_key = tables[0]
-    if table_key not in sdata.tables:
-        raise InputError(f"no table {table_key!r} in the SpatialData object ({tables})")
-    return table_key, sdata.tables[table_key]
-
-
 def proportions_to_obs(adata, key: str = "flashdeconv", prefix: str = "") -> list[str]:
     """Copy the proportions in ``obsm[key]`` into ``obs`` columns (``prefix + cell type``),
     the layout ``scanpy.pl.spatial(adata, color="Astrocytes")`` and cell2location users

@@ -1,7 +1,8 @@
 """AnnData and SpatialData accessors shared by the engine, histology and I/O layers.
 
 The data-model rules every layer follows in one place: where a table's counts are (``.X``
-or a layer) and where the rows of a SpatialData table sit (the centroids of the shapes
+or a layer), which table of a SpatialData object is meant (the named one, or the only
+one) and where the rows of a SpatialData table sit (the centroids of the shapes
 they annotate). Imports nothing of dflashdeconv but its errors, so any layer may use it.
 """
 
@@ -49,3 +50,18 @@ def annotated_centroids(sdata, adata, table: str) -> np.ndarray:
         centroid = shapes.geometry.centroid
         coords[rows] = np.column_stack([centroid.x.to_numpy(), centroid.y.to_numpy()])[position]
     return coords
+
+
+def spatialdata_table(sdata, table_key: str | None = None):
+    """``(name, table)`` of a SpatialData object: ``table_key`` or its only table."""
+    tables = list(sdata.tables)
+    if not tables:
+        raise InputError("the SpatialData object has no table")
+    if table_key is None:
+        if len(tables) != 1:
+            raise InputError(f"the SpatialData object has {len(tables)} tables ({tables}); "
+                             "name one with table_key= (--table-key)")
+        table_key = tables[0]
+    if table_key not in sdata.tables:
+        raise InputError(f"no table {table_key!r} in the SpatialData object ({tables})")
+    return table_key, sdata.tables[table_key]

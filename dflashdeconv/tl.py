@@ -12,8 +12,8 @@ from .core.genes import MIN_SHARED_GENES, check_shared_genes
 from .core.model import FlashDeconv
 from .core.params import MODEL_NAMES, params_record, renamed
 from .errors import DataWarning, InputError
-from .io import check_labels, prepare_data, result_to_anndata, spatialdata_table
-from .tables import annotated_centroids
+from .io import check_labels, prepare_data, result_to_anndata
+from .tables import annotated_centroids, spatialdata_table
 
 
 def deconvolve(adata_st, adata_ref, cell_type_key: str = "cell_type", *, sketch_dim: int = 512,

@@ -11,12 +11,13 @@ from scipy import sparse
 
 from dflashdeconv import FlashDeconv
 from dflashdeconv.core.graph import spatial_graph
+from dflashdeconv.core.order import spatial_order
 from dflashdeconv.datasets import SyntheticTissue
 from dflashdeconv.engine.blocks import build_graph
 from dflashdeconv.engine.ingest import from_anndata
 from dflashdeconv.engine.results import read_results
 from dflashdeconv.engine.run import deconvolve_store
-from dflashdeconv.engine.store import SpotStore, spatial_order
+from dflashdeconv.engine.store import SpotStore
 from dflashdeconv.engine.writer import BlockRows, StoreTarget, write_store
 from dflashdeconv.errors import InputError
 from dflashdeconv.io import load_reference

@@ -22,6 +22,7 @@ from dflashdeconv.histo.devices import gpu_workers
 from dflashdeconv.histo.predict import (
     TOTAL_COUNTS,
     predict_expression,
+    select_genes,
     train_expression_model,
 )
 from dflashdeconv.histo.slide import (
@@ -273,3 +274,17 @@ def test_predicting_twice_at_spots_ignores_earlier_predictions(trained, gpu_pool
                                 cache=cache, key_added="again", **SPEC)
     np.testing.assert_array_equal(first.X, second.X)
     assert spots_table(query).table.n_vars == 60  # the measured counts, not a prediction
+
+
+def test_the_panel_is_chosen_on_the_counts_the_model_learns():
+    """With the counts in a layer (``.X`` normalised), the panel's variance is read from that
+    layer, as the training targets are: the same panel as a table holding them in ``.X``."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(0.5, 20.0, 40), (300, 40)).astype(np.float32)
+    genes = [f"g{i}" for i in range(40)]
+    plain = ad.AnnData(counts, var=pd.DataFrame(index=genes))
+    layered = ad.AnnData(np.log1p(counts) / 3.0, var=pd.DataFrame(index=genes),
+                         layers={"counts": counts})
+    expected = select_genes([plain], 10)
+    assert list(select_genes([layered], 10, layer="counts")) == list(expected)
+    assert list(select_genes([layered], 10)) != list(expected)  # .X ranks genes otherwise

@@ -65,3 +65,22 @@ def test_a_tasks_kernels_use_its_workers_threads(threads_per_worker):
             Client(cluster) as client:
         used = client.submit(kernel_threads, pure=False).result()
     assert used == min(threads_per_worker, threads.available_cores())
+
+
+def _codec_threads():
+    import numcodecs.blosc
+    import zarr
+
+    return numcodecs.blosc.get_nthreads(), zarr.config.get("threading.max_workers")
+
+
+@pytest.mark.parametrize("threads_per_worker", [1, 2])
+def test_the_default_clusters_workers_decompress_with_their_own_threads(threads_per_worker):
+    """Blosc and zarr's pool would otherwise use every core in every worker."""
+    from dflashdeconv.engine.cluster import connect
+
+    with connect(None, n_workers=1, threads_per_worker=threads_per_worker, gpus=0,
+                 quiet=True) as client:
+        blosc, pool = client.submit(_codec_threads, pure=False).result()
+    expected = min(threads_per_worker, threads.available_cores())
+    assert (blosc, pool) == (expected, expected)

@@ -152,7 +152,8 @@ def run(args) -> int:
 
 def _read_in_memory(args, kind):
     """(table AnnData, SpatialData or None, table name or None) of an in-memory SPATIAL."""
-    from ..io import read_anndata, spatialdata_table
+    from ..io import read_anndata
+    from ..tables import spatialdata_table
 
     if kind == "anndata":
         return read_anndata(args.spatial), None, None

@@ -34,6 +34,11 @@ GPU_RESOURCE = "GPU"
 WORKER_ENVIRON = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
+def worker_threads_of(n_threads: int) -> int:
+    """A worker's thread count bounded by the cores the process may use."""
+    return max(1, min(n_threads, available_cores()))
+
+
 def worker_threads() -> int:
     """Threads a task's kernels may use: the Dask worker's thread count (bounded by the
     cores the process may use), or every available core outside a worker."""
@@ -43,7 +48,7 @@ def worker_threads() -> int:
         n_threads = get_worker().state.nthreads
     except (ImportError, ValueError):
         return available_cores()
-    return max(1, min(n_threads, available_cores()))
+    return worker_threads_of(n_threads)
 
 
 def worker_task(function):

@@ -11,14 +11,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.order import spatial_order
 from ..core.validation import check_coords
 from ..errors import InputError
-from .store import (
-    SpotStore,
-    choose_chunk_rows,
-    open_zarr,
-    spatial_order,
-)
+from .store import SpotStore, choose_chunk_rows, open_zarr
 from .writer import SCRATCH, BlockRows, StoreTarget, write_store
 
 #: Source rows read at a time by the converters.

@@ -17,7 +17,7 @@ from scipy import sparse
 
 from ..core.params import renamed
 from ..errors import InputError
-from ..tables import annotated_centroids, layer_matrix
+from ..tables import annotated_centroids, layer_matrix, spatialdata_table
 from .convert import SOURCE_CHUNK_ROWS, unique_names, write_sorted
 from .stereoseq import from_gef, from_gem
 from .store import (
@@ -103,19 +103,13 @@ def from_h5ad(h5ad_path, path, **kwargs) -> SpotStore:
 
 
 def from_spatialdata(sdata, path, *, table_key: str | None = None, **kwargs) -> SpotStore:
-    """Spot store from a SpatialData table (``table_key``, default the first; ``table`` is
-    its deprecated name); coordinates from the table's ``obsm['spatial']`` or, failing
-    that, from the centroids of the shapes the table annotates."""
+    """Spot store from a SpatialData table (``table_key``, required when there are several;
+    ``table`` is its deprecated name); coordinates from the table's ``obsm['spatial']`` or,
+    failing that, from the centroids of the shapes the table annotates."""
     if "table" in kwargs:
         table_key = renamed("from_spatialdata", {"table": kwargs.pop("table")},
                             {"table": "table_key"}, {"table_key": table_key})["table_key"]
-    tables = list(sdata.tables)
-    if not tables:
-        raise InputError("the SpatialData object has no table")
-    table = table_key or tables[0]
-    if table not in sdata.tables:
-        raise InputError(f"no table {table!r} in the SpatialData object ({tables})")
-    adata = sdata.tables[table]
+    table, adata = spatialdata_table(sdata, table_key)
     spatial_key = kwargs.get("spatial_key", "spatial")
     if spatial_key not in adata.obsm:
         import anndata as ad

@@ -14,13 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.order import hilbert_distance
 from ..errors import InputError
 from .convert import unique_names, write_sorted
-from .store import (
-    SpotStore,
-    _hilbert_2d,
-    default_scratch,
-)
+from .store import SpotStore, default_scratch
 from .writer import check_destination
 
 # --------------------------------------------------------------------------- Stereo-seq GEM
@@ -223,7 +220,7 @@ def _binned_store(records, path, *, bin_size: int, n_buckets: int, scratch, prog
                 gene_codes.setdefault(g, len(gene_codes))
             bx = (x // bin_size).astype(np.int64)
             by = (y // bin_size).astype(np.int64)
-            key = _hilbert_2d(np.minimum(bx, 2**16 - 1), np.minimum(by, 2**16 - 1), 16)
+            key = hilbert_distance(np.minimum(bx, 2**16 - 1), np.minimum(by, 2**16 - 1), 16)
             piece = pd.DataFrame({"key": key, "bin": (bx << 32) | by,
                                   "gene": pd.Series(genes).map(gene_codes).to_numpy(np.int32),
                                   "count": counts.astype(np.float32)})

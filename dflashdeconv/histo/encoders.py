@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from .image import file_fingerprint
 from .morphology import MorphologyFeatures
-from .slide import file_fingerprint
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from .devices import gpu_task_options, task_device
 from .encoders import Encoder, encoder_identity, features_key, get_encoder
-from .slide import SlideImage, TileSpec, cache_dir
+from .image import SlideImage, TileSpec, cache_dir
 
 #: Tiles read and embedded per task (bounds a task's memory: 512 x 224^2 x 3 B = 77 MB).
 TILES_PER_TASK = 512

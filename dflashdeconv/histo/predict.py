@@ -20,14 +20,9 @@ from ..core.validation import as_count_matrix
 from ..errors import InputError
 from ..tables import layer_matrix
 from . import pool
-from .slide import (
-    PREDICTION_MARKER,
-    TileSpec,
-    image_transformations,
-    open_slide,
-    slide_image,
-    spots_table,
-)
+from .image import TileSpec, image_transformations, slide_image
+from .slide import open_slide
+from .spots import PREDICTION_MARKER, spots_table
 from .stflow import STFlow
 from .tissue import tile_grid
 
@@ -68,11 +63,13 @@ def _count_matrix(table, genes: np.ndarray, layer: str | None, what: str) -> np.
     return np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, np.float64)
 
 
-def select_genes(tables, genes=50, within=None, target: str = "cp10k") -> np.ndarray:
+def select_genes(tables, genes=50, within=None, target: str = "cp10k", *,
+                 layer: str | None = None, totals: list | None = None) -> np.ndarray:
     """The gene panel: the listed ``genes`` (each must be in every table), or the
     ``genes`` most variable genes (variance of the ``target`` over all spots) among the
     genes every table measures (and, if given, that are ``within`` these names, e.g. a
-    single-cell reference's genes)."""
+    single-cell reference's genes). Counts are the tables' ``layer`` (default ``.X``);
+    ``totals``: each table's spot totals when the caller has them already."""
     names = [pd.Index(t.var_names.astype(str)) for t in tables]
     if any(not n.is_unique for n in names):
         raise InputError("duplicate gene names in a training table; make them unique "
@@ -88,9 +85,10 @@ def select_genes(tables, genes=50, within=None, target: str = "cp10k") -> np.nda
         if shared.size == 0:
             raise InputError("the training slides share no gene names")
         shared = np.asarray(sorted(shared))
-        values = np.vstack([training_target(_count_matrix(t, shared, None, "training table"),
-                                            _totals(t, None), target)[:, :shared.size]
-                            for t in tables])
+        totals = totals or [_totals(t, layer) for t in tables]
+        values = np.vstack([training_target(_count_matrix(t, shared, layer, "training table"),
+                                            total, target)[:, :shared.size]
+                            for t, total in zip(tables, totals)])
         variance = values.var(axis=0)
         order = np.argsort(-variance, kind="stable")[:genes]
         return shared[np.sort(order)]
@@ -152,10 +150,12 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
     slides = [slide_image(s, image_key) for s in sdatas]
     for slide in slides:
         slide.require_mpp()
-    panel = select_genes([s.table for s in spots], genes, genes_within, target)
+    totals = [_totals(s.table, layer) for s in spots]
+    panel = select_genes([s.table for s in spots], genes, genes_within, target, layer=layer,
+                         totals=totals)
     expression = np.vstack([
-        training_target(_count_matrix(s.table, panel, layer, f"training slide {i}"),
-                        _totals(s.table, layer), target) for i, s in enumerate(spots)])
+        training_target(_count_matrix(s.table, panel, layer, f"training slide {i}"), total,
+                        target) for i, (s, total) in enumerate(zip(spots, totals))])
     outputs = list(panel) + ([TOTAL_COUNTS] if target == "cp10k" else [])
     coords = np.vstack([s.centres for s in spots])
     slide_ids = np.concatenate([np.full(len(s.centres), i) for i, s in enumerate(spots)])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .slide import TISSUE_LEVEL_PX, SlideImage, TileSpec
+from .image import TISSUE_LEVEL_PX, SlideImage, TileSpec
 
 
 @dataclass(frozen=True)
