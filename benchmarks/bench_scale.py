@@ -3,7 +3,9 @@
 A synthetic store (``SyntheticTissue``, default 300k spots x 3,000 genes x 15 types at
 ~3.9k UMI) is written once into ``--data-dir`` (its writing time is printed when it is
 written) and reused. For each worker count (powers of two up to the cores this process
-may use, single-threaded workers, memory split evenly) a LocalCluster is started, then
+may use, single-threaded workers, memory split evenly, set up as the engine's own
+LocalCluster sets its workers up: kernels and codecs on the worker's one thread) a
+LocalCluster is started, then
 ``tl.deconvolve(store, reference, scheduler=client)`` is timed (cluster start excluded)
 with its phases; the speed-up is against one worker, and the largest difference of the
 proportions against the one-worker run is printed (the engine's results do not depend on
@@ -66,7 +68,8 @@ def main():
     rows, first = [], None
     for n in counts:
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+                          dashboard_address=":0", silence_logs=logging.ERROR,
+                          preload=["dflashdeconv.engine.worker_setup"]) as cluster, \
                 Client(cluster) as client:
             store = store_for(tissue, args.data_dir, client)
             report = (performance_report(filename=str(args.report / f"workers_{n}.html"))
