@@ -209,6 +209,38 @@ def test_a_stop_whose_raise_was_lost_ends_the_run_at_the_next_round(
     assert np.array_equal(read_results(path).to_numpy(), undisturbed[0])
 
 
+def test_a_checkpoint_without_its_exports_starts_the_solver_over(
+        source, undisturbed, tmp_path, dask_client, monkeypatch):
+    """A run interrupted by a version that kept the boundary rows in worker memory left a
+    checkpoint without the neighbours' exports: resuming must not read a halo of zeros."""
+    from dflashdeconv.engine import run as engine_run
+    from dflashdeconv.engine.solve import EXPORTS
+
+    store, reference = source
+    path = _copy(store, tmp_path)
+    X, types, genes = load_reference(__import__("anndata").read_h5ad(reference))
+    recorded = engine_run.record
+
+    def record(run_path, **attrs):
+        recorded(run_path, **attrs)
+        if attrs.get("checkpoint", {}).get("round") == 2:
+            stop.request()
+
+    monkeypatch.setattr(engine_run, "record", record)
+    try:
+        with pytest.raises(Terminated):
+            deconvolve_store(path, X, types, genes, scheduler=dask_client, **RUN)
+    finally:
+        stop.clear()
+    run = open_zarr(f"{path}/uns/flashdeconv_run", "r+")
+    del run[EXPORTS]  # the layout of the earlier version
+    del run.attrs["exports_ready"]
+    monkeypatch.setattr(engine_run, "record", recorded)
+    summary = deconvolve_store(path, X, types, genes, scheduler=dask_client, resume=True, **RUN)
+    assert summary["n_iterations"] == undisturbed[1]["n_iterations"]
+    assert np.array_equal(read_results(path).to_numpy(), undisturbed[0])
+
+
 def read_params(path):
     from anndata.io import read_elem
 
