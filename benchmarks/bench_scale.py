@@ -9,7 +9,8 @@ LocalCluster is started, then
 ``tl.deconvolve(store, reference, scheduler=client)`` is timed (cluster start excluded)
 with its phases; the speed-up is against one worker, and the largest difference of the
 proportions against the one-worker run is printed (the engine's results do not depend on
-the number of workers). ``--report DIR`` saves Dask performance reports (task stream,
+the number of workers). With each cluster the store is also written again into a scratch
+copy, timed (``write s``: store writing against deconvolving). ``--report DIR`` saves Dask performance reports (task stream,
 profile) of each run.
 
     python benchmarks/bench_scale.py --data-dir /tmp/dfd-bench [--spots 300000] [--workers 1 2]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -72,6 +74,11 @@ def main():
                           preload=["dflashdeconv.engine.worker_setup"]) as cluster, \
                 Client(cluster) as client:
             store = store_for(tissue, args.data_dir, client)
+            copy = args.data_dir / f"write_{n}.zarr"  # the same store written again, timed
+            start = time.perf_counter()
+            tissue.write_store(copy, scheduler=client, overwrite=True)
+            written = time.perf_counter() - start
+            shutil.rmtree(copy)
             report = (performance_report(filename=str(args.report / f"workers_{n}.html"))
                       if args.report else contextlib.nullcontext())
             if args.report:
@@ -83,15 +90,17 @@ def main():
                 seconds = time.perf_counter() - start
         proportions = read_results(store.path, f"w{n}").to_numpy()
         first = proportions if first is None else first
-        rows.append((n, seconds, summary["timings"], float(np.abs(proportions - first).max())))
-        print(f"{n:3d} workers: {seconds:6.1f} s  " + ", ".join(
+        rows.append((n, seconds, written, summary["timings"],
+                     float(np.abs(proportions - first).max())))
+        print(f"{n:3d} workers: {seconds:6.1f} s (store written in {written:.1f} s)  " + ", ".join(
             f"{k} {v:.1f}" for k, v in summary["timings"].items()), flush=True)
     base = rows[0][1]
     print(f"\n{args.spots:,} spots at {args.depth:.0f} UMI, single-threaded workers")
-    print(f"{'workers':>7} {'total s':>8} {'speed-up':>8} {'max diff':>9}  phases (s)")
-    for n, seconds, timings, diff in rows:
+    print(f"{'workers':>7} {'total s':>8} {'speed-up':>8} {'max diff':>9} {'write s':>8}"
+          "  phases (s)")
+    for n, seconds, written, timings, diff in rows:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
-        print(f"{n:7d} {seconds:8.1f} {base / seconds:8.2f} {diff:9.1e}  {phases}")
+        print(f"{n:7d} {seconds:8.1f} {base / seconds:8.2f} {diff:9.1e} {written:8.1f}  {phases}")
 
 
 if __name__ == "__main__":

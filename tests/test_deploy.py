@@ -174,6 +174,10 @@ def test_worker_memory_limits_fit_their_pods(folder):
                     dask_limit = _memory_bytes(command[command.index("--memory-limit") + 1])
                     pod_limit = _memory_bytes(container["resources"]["limits"]["memory"])
                     assert dask_limit < pod_limit, f"{folder} {role}: Dask limit >= pod limit"
+                if "--nthreads" in command and "--resources" not in command:  # CPU workers
+                    threads = int(command[command.index("--nthreads") + 1])
+                    cpus = int(container["resources"]["limits"]["cpu"])
+                    assert threads == cpus, f"{folder} {role}: {threads} threads on {cpus} CPUs"
 
 
 def test_job_commands_exist_in_the_cli():
@@ -189,6 +193,9 @@ def test_job_commands_exist_in_the_cli():
                 command = container.get("command")
                 if command:
                     assert command[:2] in (["dask", "worker"], ["dask", "scheduler"])
+                    if command[1] == "worker":  # codec and kernel threads per worker
+                        preload = command.index("--preload")
+                        assert command[preload + 1] == "dflashdeconv.engine.worker_setup"
                     option_names = {a for a in command if a.startswith("--")}
                     help_text = subprocess.run(
                         [str(Path(sys.executable).with_name("dask")), command[1], "--help"],
@@ -220,4 +227,6 @@ def test_kube_cluster_spec_is_a_valid_daskcluster():
     worker = spec["spec"]["worker"]["spec"]["containers"][0]
     assert spec["spec"]["worker"]["replicas"] == 8
     assert worker["args"][worker["args"].index("--memory-limit") + 1] == "16GiB"
+    preload = worker["args"].index("--preload")
+    assert worker["args"][preload + 1] == "dflashdeconv.engine.worker_setup"
     assert worker["envFrom"] == [{"secretRef": {"name": "dflashdeconv-object-store"}}]

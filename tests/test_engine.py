@@ -57,6 +57,37 @@ def test_store_is_anndata_with_compact_blocks(tissue_store):
         assert np.prod(np.ptp(adata.obsm["spatial"][start:stop], axis=0) + 1) < 6 * share
 
 
+@pytest.mark.parametrize("nnz_chunk, chunk_rows", [(997, 512), (20_000, 64), (4093, 7)])
+def test_blocks_and_chunks_of_x_in_any_alignment(nnz_chunk, chunk_rows, dask_client, tmp_path,
+                                                 monkeypatch):
+    """X's chunks inside a block, shared by two blocks or by many small ones, and blocks
+    without counts: the store holds exactly the counts (blocks of ~300, ~2,400 and ~100
+    non-zeros per chunk of X)."""
+    from dflashdeconv.engine import writer
+
+    monkeypatch.setattr(writer, "NNZ_CHUNK", nnz_chunk)  # the client's placement and X's chunks
+    tissue = SyntheticTissue(n_spots=900, n_genes=200, n_types=4, depth=60, seed=2)
+    store = tissue.write_store(tmp_path / "s.zarr", chunk_rows=chunk_rows, scheduler=dask_client)
+    adata = ad.read_zarr(store.path)
+    assert adata.X.nnz == store.nnz and store.root()["X"]["data"].chunks == (nnz_chunk,)
+    assert (adata.X != tissue.counts()[store.input_rows()]).nnz == 0
+    blocks = [(0, 50), (50, 100), (100, 140)]  # the middle block without counts
+    counts = tissue.counts()[:140].tolil()
+    counts[50:100] = 0
+    counts = counts.tocsr()
+    counts.eliminate_zeros()
+
+    def make(start, stop):
+        ids = np.arange(start, stop)
+        return BlockRows(ids.astype(str), ids, np.c_[ids, ids].astype(float), counts[start:stop])
+
+    with StoreTarget(tmp_path / "gap.zarr") as target:
+        gap = write_store(target, make, blocks, n_spots=140, gene_names=tissue.gene_names,
+                          chunk_rows=50, coords_dim=2, source="test", scheduler=dask_client)
+    assert gap.nnz == counts.nnz
+    assert (ad.read_zarr(gap.path).X != counts).nnz == 0
+
+
 def test_spatial_order_sorts_ties_by_key():
     coords = np.array([[0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [5.0, 5.0]])
     order = spatial_order(coords)

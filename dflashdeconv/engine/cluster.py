@@ -233,6 +233,7 @@ def kube_cluster_spec(name: str, image: str, *, n_workers: int = 2, worker_memor
                              env={"NUMBA_CACHE_DIR": "/tmp/numba-cache", **(env or {})})
     worker = spec["spec"]["worker"]["spec"]["containers"][0]
     worker["args"] = ["dask-worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", "1",
+                      "--preload", f"{__package__}.worker_setup",
                       "--memory-limit", worker_memory.replace("Gi", "GiB"), "--dashboard",
                       "--dashboard-address", "8788"]
     if secret:

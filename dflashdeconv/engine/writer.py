@@ -8,10 +8,12 @@ last is the completion mark). An existing destination is refused before any work
 
 The per-spot arrays (names, input rows, coordinates, ``obsm`` extras) are chunked like
 the blocks, so each block task writes its own chunks. The counts' CSR arrays are 1-D with
-their own chunks, which straddle blocks: a block task writes its non-zeros to a scratch
-group, and as soon as the blocks before it are known, tasks copy whole chunk ranges from
-scratch into ``X`` (each chunk is written by exactly one task) and the scratch of the
-copied blocks is dropped, so scratch holds only the blocks in flight.
+their own chunks, which straddle blocks: a block task keeps its non-zeros in its worker's
+memory, and as soon as the blocks before it are known (their non-zero counts give its
+offset), a task on the same worker writes the chunks of ``X`` that lie inside the block and
+small tasks assemble each chunk shared by neighbouring blocks from their slices (every
+chunk is written by exactly one task, and the non-zeros are compressed once). Blocks are
+started a few at a time, so at most ``2 x workers`` blocks wait in memory.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from .store import (
     open_zarr,
 )
 
-#: Non-zeros copied from scratch into X per task (8 zarr chunks).
-COPY_ELEMENTS = 8 * NNZ_CHUNK
 SCRATCH = "_scratch"
 
 
@@ -161,11 +161,28 @@ def _skeleton(root, *, n_spots, gene_names, chunk_rows, coords_dim, obsm, dtype)
                    compressors=fast_codec())
 
 
+@dataclass
+class BlockCounts:
+    """A written block's non-zeros, held by its worker until they are placed in ``X``."""
+
+    block: int
+    indptr: np.ndarray
+    data: np.ndarray
+    indices: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.size)
+
+    def __sizeof__(self) -> int:  # what Dask weighs: tasks on it run where it is
+        return object.__sizeof__(self) + self.indptr.nbytes + self.data.nbytes + \
+            self.indices.nbytes
+
+
 @worker_task
 def write_block(work: str, block: int, make_block: Callable, args: tuple, chunk_rows: int,
-                n_genes: int, dtype) -> tuple[int, int, np.ndarray]:
-    """Make block ``block`` and write its per-spot chunks and its non-zeros (to scratch).
-    Returns (block, non-zeros, its indptr starting at 0)."""
+                n_genes: int, dtype) -> BlockCounts:
+    """Make block ``block``, write its per-spot chunks and keep its non-zeros."""
     rows: BlockRows = make_block(*args)
     counts = sparse.csr_matrix(rows.counts)
     if counts.shape[1] != n_genes:
@@ -182,67 +199,92 @@ def write_block(work: str, block: int, make_block: Callable, args: tuple, chunk_
         root["obsm"]["spatial"][start:stop] = np.asarray(rows.coords, np.float64)
         for name, values in rows.obsm.items():
             root["obsm"][name][start:stop] = values
-        scratch = root[SCRATCH].create_group(f"b{block}")
-        for name, values in (("data", counts.data.astype(dtype, copy=False)),
-                             ("indices", counts.indices.astype(np.int32, copy=False))):
-            scratch.create_array(name, shape=values.shape, dtype=values.dtype,
-                                 chunks=(NNZ_CHUNK,), compressors=fast_codec())[...] = values
-    return block, int(counts.nnz), counts.indptr.astype(np.int64)
+    return BlockCounts(block, counts.indptr.astype(np.int64),
+                       counts.data.astype(dtype, copy=False),
+                       counts.indices.astype(np.int32, copy=False))
+
+
+def block_size(counts: BlockCounts) -> tuple[int, int, np.ndarray]:
+    """(block, non-zeros, indptr from 0): what the client needs of a written block."""
+    return counts.block, counts.nnz, counts.indptr
+
+
+def _write_x(work: str, low: int, data: np.ndarray, indices: np.ndarray) -> None:
+    X = open_zarr(work, "r+")["X"]
+    with _all_chunks():
+        X["data"][low:low + data.size] = data
+        X["indices"][low:low + data.size] = indices
 
 
 @worker_task
-def copy_range(work: str, low: int, high: int, sources: list[tuple[int, int]]) -> None:
-    """Non-zeros ``low:high`` of X from the scratch of the blocks ``(block, offset)``."""
-    root = open_zarr(work, "r+")
-    data, indices = [], []
-    for block, offset in sources:
-        scratch = root[SCRATCH][f"b{block}"]
-        a = max(low - offset, 0)
-        z = min(high - offset, scratch["data"].shape[0])
-        data.append(scratch["data"][a:z])
-        indices.append(scratch["indices"][a:z])
-    with _all_chunks():
-        root["X"]["data"][low:high] = np.concatenate(data)
-        root["X"]["indices"][low:high] = np.concatenate(indices)
+def place_block(work: str, counts: BlockCounts, offset: int, inside, pieces) -> list:
+    """Write the whole chunks of ``X`` inside the block at ``offset`` (``inside = (low,
+    high)`` or None) and return its ``(a, z)`` pieces of the chunks it shares, copied."""
+    if inside is not None:
+        low, high = inside
+        _write_x(work, low, counts.data[low - offset:high - offset],
+                 counts.indices[low - offset:high - offset])
+    return [(counts.data[a:z].copy(), counts.indices[a:z].copy()) for a, z in pieces]
 
 
-class _Copies:
-    """The client's book-keeping of phase B: which non-zeros can be copied, and which
-    blocks' scratch is no longer needed."""
+def piece_of(pieces: list, i: int):
+    return pieces[i]
+
+
+@worker_task
+def place_shared(work: str, low: int, *pieces) -> None:
+    """Write one chunk of ``X`` not held whole by one block, from its pieces in order."""
+    _write_x(work, low, np.concatenate([p[0] for p in pieces]),
+             np.concatenate([p[1] for p in pieces]))
+
+
+class _Placement:
+    """The client's book-keeping: the blocks' offsets in X, known in block order, and the
+    chunks of X no single block holds whole (assembled from the blocks' pieces)."""
 
     def __init__(self, n_blocks: int):
         self.nnz = [None] * n_blocks
-        self.offsets = [0]
-        self.written = 0
-        self.pending: dict = {}  # copy future -> blocks it reads
-        self.readers = [0] * n_blocks  # copy tasks still reading each block
+        self.offsets = [0]  # offsets[b] is known for every b < len(offsets)
+        self.placed = 0  # blocks whose writes are assigned
+        self.next_shared = 0  # shared chunks below it are assigned
+        self.pieces: dict[int, list] = {}  # chunk -> [(block, piece future)] in block order
 
     def record(self, block: int, nnz: int) -> None:
-        """A block is written; extend the offsets over the blocks now known in order."""
         self.nnz[block] = nnz
         while len(self.offsets) <= len(self.nnz) and self.nnz[len(self.offsets) - 1] is not None:
             self.offsets.append(self.offsets[-1] + self.nnz[len(self.offsets) - 1])
 
-    def copied(self, block: int) -> bool:
-        """Every non-zero of ``block`` is assigned to a copy and none is still reading it."""
-        return (len(self.offsets) > block + 1 and self.written >= self.offsets[block + 1]
-                and self.readers[block] == 0)
+    @property
+    def complete(self) -> bool:
+        return len(self.offsets) == len(self.nnz) + 1
 
-    def ranges(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
-        """Chunk-aligned ranges now known (the last partial chunk once every block is)."""
-        known = self.offsets[-1]
-        complete = len(self.offsets) - 1 == len(self.nnz)
-        limit = known if complete else known // NNZ_CHUNK * NNZ_CHUNK
-        out = []
-        offsets = np.asarray(self.offsets)
-        while self.written < limit:
-            low, high = self.written, min(self.written + COPY_ELEMENTS, limit)
-            first = int(np.searchsorted(offsets, low, side="right") - 1)
-            last = int(np.searchsorted(offsets, high, side="left") - 1)
-            blocks = [(b, int(offsets[b])) for b in range(first, last + 1) if self.nnz[b]]
-            out.append((low, high, blocks))
-            self.written = high
-        return out
+    def newly_placed(self):
+        """``(block, offset, inside, pieces)`` of each block whose offset became known:
+        ``inside = (low, high)`` the whole chunks inside it (or None) and ``pieces`` the
+        ``(chunk, a, z)`` slices of it that belong to shared chunks."""
+        while self.placed < len(self.offsets) - 1:
+            b = self.placed
+            offset, end = self.offsets[b], self.offsets[b + 1]
+            inside, pieces = None, []
+            if end > offset:
+                low = -(-offset // NNZ_CHUNK) * NNZ_CHUNK
+                high = max(end // NNZ_CHUNK * NNZ_CHUNK, low)
+                if high > low:
+                    inside = (low, high)
+                for chunk in range(offset // NNZ_CHUNK, (end - 1) // NNZ_CHUNK + 1):
+                    c_low, c_high = chunk * NNZ_CHUNK, (chunk + 1) * NNZ_CHUNK
+                    if inside and inside[0] <= c_low and c_high <= inside[1]:
+                        continue
+                    pieces.append((chunk, max(c_low, offset) - offset, min(c_high, end) - offset))
+            self.placed += 1
+            yield b, offset, inside, pieces
+
+    def ready_shared(self):
+        """``(chunk, [piece futures])`` of the shared chunks whose every piece is known."""
+        limit = self.offsets[-1] if self.complete else self.offsets[-1] // NNZ_CHUNK * NNZ_CHUNK
+        for chunk in sorted(c for c in self.pieces if (c + 1) * NNZ_CHUNK <= limit
+                            or (self.complete and c * NNZ_CHUNK < limit)):
+            yield chunk, [future for _, future in self.pieces.pop(chunk)]
 
 
 def write_store(target: StoreTarget, make_block: Callable, block_args: list[tuple], *,
@@ -263,44 +305,68 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
     n_genes = len(gene_names)
     _skeleton(target.root(), n_spots=n_spots, gene_names=gene_names, chunk_rows=chunk_rows,
               coords_dim=coords_dim, obsm=obsm, dtype=dtype)
-    copies = _Copies(n_blocks)
+    placement = _Placement(n_blocks)
     indptr = [None] * n_blocks
     # an in-memory file system lives in this process: its workers must be threads
     in_process = {"processes": False} if target.work.startswith("memory://") else {}
     with connect(scheduler, quiet=True, **in_process) as client:
-        blocks = client.map(write_block, [target.work] * n_blocks, range(n_blocks),
-                            [make_block] * n_blocks, block_args, [chunk_rows] * n_blocks,
-                            [n_genes] * n_blocks, [dtype] * n_blocks, pure=False)
-        waiting = as_completed(blocks)
-        done = 0
+        window = 2 * max(len(client.nthreads()), 1)  # blocks in memory at most
+        blocks, sizes, users = {}, {}, {}  # block futures; size future -> block; task -> block
+        waiting = as_completed()
+        submitted = done = 0
+        X = target.root()["X"]
+
+        def start_blocks():
+            nonlocal submitted
+            while submitted < n_blocks and len(blocks) < window:
+                b = submitted
+                blocks[b] = client.submit(write_block, target.work, b, make_block,
+                                          block_args[b], chunk_rows, n_genes, dtype, pure=False)
+                size = client.submit(block_size, blocks[b], pure=False)
+                sizes[size] = b
+                waiting.add(size)
+                submitted += 1
+
+        def uses(task, block):
+            users[task] = block
+            waiting.add(task)
+
+        start_blocks()
         for future in waiting:
             check_stop()
-            if future in copies.pending:
-                future.result()
-                for block in copies.pending.pop(future):
-                    copies.readers[block] -= 1
-                    if copies.copied(block):
-                        del target.root()[SCRATCH][f"b{block}"]
+            future.result()  # raises a task's error
+            if future in users:  # a block's or a shared chunk's write is done
+                block = users.pop(future)
+                if block is not None:
+                    del blocks[block]  # its non-zeros are in X or in pieces
+                    start_blocks()
                 continue
             block, nnz, local_indptr = future.result()
+            del sizes[future]
             indptr[block] = local_indptr
-            copies.record(block, nnz)
+            placement.record(block, nnz)
             done += 1
             if progress is not None:
                 progress(done, n_blocks)
-            ranges = copies.ranges()
-            if ranges:
-                X = target.root()["X"]
+            if placement.offsets[-1] > X["data"].shape[0]:
                 for name in ("data", "indices"):
-                    X[name].resize((copies.written,))
-            for low, high, sources in ranges:
-                copy = client.submit(copy_range, target.work, low, high, sources, pure=False)
-                copies.pending[copy] = [b for b, _ in sources]
-                for b, _ in sources:
-                    copies.readers[b] += 1
-                waiting.add(copy)
-    nnz_total = copies.offsets[-1]
-    starts = np.cumsum([0] + [copies.nnz[b] for b in range(n_blocks)])
+                    X[name].resize((placement.offsets[-1],))
+            for b, offset, inside, pieces in placement.newly_placed():
+                if inside is not None or pieces:
+                    placed = client.submit(place_block, target.work, blocks[b], offset, inside,
+                                           [(a, z) for _, a, z in pieces], pure=False)
+                    for i, (chunk, _, _) in enumerate(pieces):
+                        piece = client.submit(piece_of, placed, i, pure=False)
+                        placement.pieces.setdefault(chunk, []).append((b, piece))
+                    uses(placed, b)
+                else:  # no non-zeros
+                    del blocks[b]
+                    start_blocks()
+            for chunk, pieces in placement.ready_shared():
+                uses(client.submit(place_shared, target.work, chunk * NNZ_CHUNK, *pieces,
+                                   pure=False), None)
+    nnz_total = placement.offsets[-1]
+    starts = np.cumsum([0] + [placement.nnz[b] for b in range(n_blocks)])
     full = np.concatenate([np.zeros(1, np.int64)] +
                           [indptr[b][1:] + starts[b] for b in range(n_blocks)])
     with _all_chunks():
