@@ -97,6 +97,22 @@ def test_worker_killed_mid_phase(source, undisturbed, tmp_path, phase):
     assert np.array_equal(read_results(path).to_numpy(), undisturbed[0])
 
 
+def test_worker_killed_while_writing_a_store(tmp_path):
+    """A block's non-zeros wait in its worker's memory until they are placed: a worker
+    killed with blocks in it loses them, and they are made again; the store is exact."""
+    import anndata as ad
+    from distributed import Client, LocalCluster
+
+    tissue = SyntheticTissue(n_spots=6000, n_genes=400, n_types=6, depth=400, seed=5)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        thread, killed = _killer(client, "write_block", lambda: len(client.who_has()) > 4)
+        store = tissue.write_store(tmp_path / "s.zarr", chunk_rows=200, scheduler=client)
+        thread.join(1)
+    assert killed.is_set(), "no write_block task was seen running"
+    assert (ad.read_zarr(store.path).X != tissue.counts()[store.input_rows()]).nnz == 0
+
+
 def _cli(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "dflashdeconv.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
