@@ -61,8 +61,8 @@ def test_store_is_anndata_with_compact_blocks(tissue_store):
 def test_blocks_and_chunks_of_x_in_any_alignment(nnz_chunk, chunk_rows, dask_client, tmp_path,
                                                  monkeypatch):
     """X's chunks inside a block, shared by two blocks or by many small ones, and blocks
-    without counts: the store holds exactly the counts (blocks of ~300, ~2,400 and ~100
-    non-zeros per chunk of X)."""
+    without counts: the store holds exactly the counts (~31 non-zeros per spot: blocks of
+    ~16 chunks of X, and chunks of ~10 and ~19 blocks)."""
     from dflashdeconv.engine import writer
 
     monkeypatch.setattr(writer, "NNZ_CHUNK", nnz_chunk)  # the client's placement and X's chunks

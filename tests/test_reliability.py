@@ -192,6 +192,27 @@ def test_sigterm_is_not_swallowed_by_library_error_handling():
         serialize(StopsWhilePickled(), on_error="raise")
 
 
+def _stopped_at_round_2(path, X, types, genes, client, monkeypatch):
+    """Run until a stop request arrives as solver round 2 is recorded (a SIGTERM whose raise
+    was lost); returns the engine's own ``record`` for the caller to put back."""
+    from dflashdeconv.engine import run as engine_run
+
+    recorded = engine_run.record
+
+    def record(run_path, **attrs):
+        recorded(run_path, **attrs)
+        if attrs.get("checkpoint", {}).get("round") == 2:
+            stop.request()
+
+    monkeypatch.setattr(engine_run, "record", record)
+    try:
+        with pytest.raises(Terminated):
+            deconvolve_store(path, X, types, genes, scheduler=client, **RUN)
+    finally:
+        stop.clear()
+    return recorded
+
+
 def test_a_stop_whose_raise_was_lost_ends_the_run_at_the_next_round(
         source, undisturbed, tmp_path, dask_client, monkeypatch):
     """Where the handler's raise lands in code that drops it (a gc callback: Python prints
@@ -202,19 +223,7 @@ def test_a_stop_whose_raise_was_lost_ends_the_run_at_the_next_round(
     store, reference = source
     path = _copy(store, tmp_path)
     X, types, genes = load_reference(__import__("anndata").read_h5ad(reference))
-    recorded = engine_run.record
-
-    def record(run_path, **attrs):  # a SIGTERM arrives as round 2 is recorded
-        recorded(run_path, **attrs)
-        if attrs.get("checkpoint", {}).get("round") == 2:
-            stop.request()
-
-    monkeypatch.setattr(engine_run, "record", record)
-    try:
-        with pytest.raises(Terminated):
-            deconvolve_store(path, X, types, genes, scheduler=dask_client, **RUN)
-    finally:
-        stop.clear()
+    recorded = _stopped_at_round_2(path, X, types, genes, dask_client, monkeypatch)
     assert _run_attrs(path)["checkpoint"]["round"] == 2
     assert not os.path.exists(os.path.join(path, LOCK_NAME))
     with pytest.raises(InputError, match="no completed results"):
@@ -235,19 +244,7 @@ def test_a_checkpoint_without_its_exports_starts_the_solver_over(
     store, reference = source
     path = _copy(store, tmp_path)
     X, types, genes = load_reference(__import__("anndata").read_h5ad(reference))
-    recorded = engine_run.record
-
-    def record(run_path, **attrs):
-        recorded(run_path, **attrs)
-        if attrs.get("checkpoint", {}).get("round") == 2:
-            stop.request()
-
-    monkeypatch.setattr(engine_run, "record", record)
-    try:
-        with pytest.raises(Terminated):
-            deconvolve_store(path, X, types, genes, scheduler=dask_client, **RUN)
-    finally:
-        stop.clear()
+    recorded = _stopped_at_round_2(path, X, types, genes, dask_client, monkeypatch)
     run = open_zarr(f"{path}/uns/flashdeconv_run", "r+")
     del run[EXPORTS]  # the layout of the earlier version
     del run.attrs["exports_ready"]

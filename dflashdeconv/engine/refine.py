@@ -39,7 +39,7 @@ def block_subsample(store: SpotStore, block: int, indptr, indices, data,
 
 def _subsample_start(projected, run_path: str, slot, rows: tuple[int, int], n_types: int):
     positions, input_rows, counts = projected[1]
-    beta = read_beta(run_path, slot, *rows, n_types)
+    beta = read_beta(open_zarr(run_path, "r"), slot, *rows, n_types)
     return input_rows, counts, refine_math.start_proportions(beta[positions])
 
 

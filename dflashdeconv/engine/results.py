@@ -134,7 +134,7 @@ def write_block_results(store: SpotStore, run_path: str, block: int, slot: int |
     start, stop = store.block_rows(block)
     run = open_zarr(run_path, "r+")
     names = run.attrs["cell_types"]
-    beta = read_beta(run_path, slot, start, stop, len(names))
+    beta = read_beta(run, slot, start, stop, len(names))
     proportions, all_zero = normalize_proportions(beta)
     failed = np.empty(0, np.int64)
     if refinement is not None:

@@ -142,7 +142,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     bar = _RoundProgress(params["tol"]) if progress else None
     # a checkpoint is only resumable with the neighbours' exports of its round beside it
     # (a run group recorded before they were kept starts the solver over)
-    checkpoint = recorded.get("checkpoint") if recorded.get("exports_ready") else None
+    resume_from = recorded.get("checkpoint") if recorded.get("exports_ready") else None
 
     def on_round(round_, change, checkpoint):
         record(run_path, checkpoint=checkpoint)
@@ -152,7 +152,7 @@ def _run(client, store, X, types, store_cols, params, key, run_path, recorded, i
     try:
         solution = solver.solve(gram, lam, rho, max_iter=params["max_iter"], tol=params["tol"],
                                 inner_sweeps=inner_sweeps,
-                                resume_from=checkpoint, on_round=on_round)
+                                resume_from=resume_from, on_round=on_round)
     finally:
         if bar:
             bar.close()

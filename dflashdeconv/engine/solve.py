@@ -87,11 +87,11 @@ def read_current(run, problem: BlockProblem, links: BlockLinks, slot: int | None
     return np.concatenate([beta, *halo]) if halo else beta
 
 
-def read_beta(run_path: str, slot: int | None, start: int, stop: int, n_types: int):
-    """A block's abundances at ``slot`` (uniform before round 1)."""
+def read_beta(run, slot: int | None, start: int, stop: int, n_types: int):
+    """A block's abundances at ``slot`` of the run group ``run`` (uniform before round 1)."""
     if slot is None:
         return np.full((stop - start, n_types), 1.0 / n_types)
-    return np.asarray(open_zarr(run_path, "r")["beta_checkpoint"][slot, start:stop])
+    return np.asarray(run["beta_checkpoint"][slot, start:stop])
 
 
 @worker_task

@@ -247,7 +247,7 @@ class _Placement:
         self.offsets = [0]  # offsets[b] is known for every b < len(offsets)
         self.placed = 0  # blocks whose writes are assigned
         self.next_shared = 0  # shared chunks below it are assigned
-        self.pieces: dict[int, list] = {}  # chunk -> [(block, piece future)] in block order
+        self.pieces: dict[int, list] = {}  # chunk -> its piece futures, in block order
 
     def record(self, block: int, nnz: int) -> None:
         self.nnz[block] = nnz
@@ -280,11 +280,11 @@ class _Placement:
             yield b, offset, inside, pieces
 
     def ready_shared(self):
-        """``(chunk, [piece futures])`` of the shared chunks whose every piece is known."""
-        limit = self.offsets[-1] if self.complete else self.offsets[-1] // NNZ_CHUNK * NNZ_CHUNK
-        for chunk in sorted(c for c in self.pieces if (c + 1) * NNZ_CHUNK <= limit
-                            or (self.complete and c * NNZ_CHUNK < limit)):
-            yield chunk, [future for _, future in self.pieces.pop(chunk)]
+        """``(chunk, [piece futures])`` of the shared chunks whose every piece is known:
+        the blocks known reach past the chunk's end, or every block is known."""
+        for chunk in sorted(c for c in self.pieces
+                            if self.complete or (c + 1) * NNZ_CHUNK <= self.offsets[-1]):
+            yield chunk, self.pieces.pop(chunk)
 
 
 def write_store(target: StoreTarget, make_block: Callable, block_args: list[tuple], *,
@@ -357,7 +357,7 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
                                            [(a, z) for _, a, z in pieces], pure=False)
                     for i, (chunk, _, _) in enumerate(pieces):
                         piece = client.submit(piece_of, placed, i, pure=False)
-                        placement.pieces.setdefault(chunk, []).append((b, piece))
+                        placement.pieces.setdefault(chunk, []).append(piece)
                     uses(placed, b)
                 else:  # no non-zeros
                     del blocks[b]
