@@ -311,7 +311,7 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
     in_process = {"processes": False} if target.work.startswith("memory://") else {}
     with connect(scheduler, quiet=True, **in_process) as client:
         window = 2 * max(len(client.nthreads()), 1)  # blocks in memory at most
-        blocks, sizes, users = {}, {}, {}  # block futures; size future -> block; task -> block
+        blocks, users = {}, {}  # block futures; write task -> the block it frees (or None)
         waiting = as_completed()
         submitted = done = 0
         X = target.root()["X"]
@@ -322,9 +322,7 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
                 b = submitted
                 blocks[b] = client.submit(write_block, target.work, b, make_block,
                                           block_args[b], chunk_rows, n_genes, dtype, pure=False)
-                size = client.submit(block_size, blocks[b], pure=False)
-                sizes[size] = b
-                waiting.add(size)
+                waiting.add(client.submit(block_size, blocks[b], pure=False))
                 submitted += 1
 
         def uses(task, block):
@@ -334,15 +332,14 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
         start_blocks()
         for future in waiting:
             check_stop()
-            future.result()  # raises a task's error
+            result = future.result()  # raises a task's error
             if future in users:  # a block's or a shared chunk's write is done
                 block = users.pop(future)
                 if block is not None:
                     del blocks[block]  # its non-zeros are in X or in pieces
                     start_blocks()
                 continue
-            block, nnz, local_indptr = future.result()
-            del sizes[future]
+            block, nnz, local_indptr = result
             indptr[block] = local_indptr
             placement.record(block, nnz)
             done += 1
@@ -366,9 +363,8 @@ def write_store(target: StoreTarget, make_block: Callable, block_args: list[tupl
                 uses(client.submit(place_shared, target.work, chunk * NNZ_CHUNK, *pieces,
                                    pure=False), None)
     nnz_total = placement.offsets[-1]
-    starts = np.cumsum([0] + [placement.nnz[b] for b in range(n_blocks)])
     full = np.concatenate([np.zeros(1, np.int64)] +
-                          [indptr[b][1:] + starts[b] for b in range(n_blocks)])
+                          [indptr[b][1:] + placement.offsets[b] for b in range(n_blocks)])
     with _all_chunks():
         array = target.root()["X"].create_array(
             "indptr", shape=full.shape, dtype=np.int64, chunks=(max(chunk_rows, 1 << 16),),
