@@ -45,12 +45,30 @@ def test_morphology_features_are_deterministic_and_read_the_stains():
     assert features.shape == (3, encoder.n_features) and np.isfinite(features).all()
     np.testing.assert_array_equal(features, encoder.embed(tiles.copy()))
     named = dict(zip(encoder.model.feature_names, features.T))
-    assert named["haematoxylin_mean"][0] > 2 * named["haematoxylin_mean"][1]
-    assert named["eosin_fraction"][1] > named["eosin_fraction"][2]
-    assert named["background_fraction"][2] > 0.9 > named["background_fraction"][0]
+    assert named["field100_haematoxylin_mean"][0] > 2 * named["field100_haematoxylin_mean"][1]
+    assert named["field100_eosin_fraction"][1] > named["field100_eosin_fraction"][2]
+    assert named["field100_background_fraction"][2] > 0.9 > named["field100_background_fraction"][0]
     # the same content at another tile size gives nearly the same features
     np.testing.assert_allclose(encoder.embed(flat_tiles(NUCLEUS, size=96))[0, :6],
                                features[0, :6], atol=0.02)
+
+
+def test_morphology_fields_read_the_spot_and_its_surroundings():
+    """The default encoder describes the central half of a tile and the whole tile: a
+    nucleus-dense spot on glass differs between the two, and each field is the
+    single-field encoder of that crop."""
+    tile = flat_tiles(GLASS, size=128)[0]
+    tile[32:96, 32:96] = flat_tiles(NUCLEUS, size=64, seed=1)[0]
+    features = get_encoder().embed(tile[None])
+    named = dict(zip(get_encoder().model.feature_names, features[0]))
+    assert named["field50_background_fraction"] < 0.05 and named["field100_background_fraction"] > 0.7
+    assert named["field50_nuclear_fraction"] > 2 * named["field100_nuclear_fraction"]
+    centre = get_encoder(fields=(1.0,)).embed(np.ascontiguousarray(tile[None, 32:96, 32:96]))
+    np.testing.assert_allclose(features[:, :centre.shape[1]], centre, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="fields must be distinct fractions"):
+        get_encoder(fields=(0.5, 1.5))
+    with pytest.raises(InputError, match="work_size must be an even number"):
+        get_encoder(work_size=63)
 
 
 def test_tiles_must_be_uint8_rgb():

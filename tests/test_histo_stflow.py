@@ -11,7 +11,8 @@ from dflashdeconv.errors import InputError, NotFittedError
 from dflashdeconv.histo.stflow import STFlow, _batch, neighbors, sample_prior
 
 TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=25, chunks_per_slide=4,
-            batch_size=4, learning_rate=3e-3, dropout=0.1)
+            batch_size=4, learning_rate=3e-3, dropout=0.1, n_models=1, n_samples=8,
+            whole_slide_max_spots=0)
 
 
 def make_slide(seed: int, n_spots: int = 60, n_features: int = 12, n_genes: int = 10):
@@ -66,7 +67,7 @@ def test_invariant_to_rotation_reflection_translation_and_scale(fitted):
 def test_padding_does_not_change_results(fitted):
     small = make_slide(9, n_spots=20)
     large = make_slide(10, n_spots=45)
-    net = fitted.model_
+    net = fitted.model_[0]
     k = fitted.n_neighbors
     outputs = []
     for items in ([small], [small, large]):
@@ -177,10 +178,11 @@ def test_parameters_are_checked_by_their_constraints(training, name, value, mess
 
 def test_verbose_logs_the_training_loss(training, capsys):
     features, coords, expression, _ = training
-    STFlow(**{**TINY, "epochs": 11, "verbose": True}).fit(features, coords, expression)
+    STFlow(**{**TINY, "epochs": 11, "n_models": 2, "verbose": True}).fit(features, coords, expression)
     lines = [line for line in capsys.readouterr().out.splitlines() if "STFlow epoch" in line]
-    assert [line.split(":")[0] for line in lines] == ["[dflashdeconv] STFlow epoch 1/11",
-                                                      "[dflashdeconv] STFlow epoch 11/11"]
+    assert [line.split(":")[0] for line in lines] == [
+        f"[dflashdeconv] STFlow epoch {epoch}/11 (network {net}/2)"
+        for net in (1, 2) for epoch in (1, 11)]
 
 
 def test_a_gpu_asked_for_where_there_is_none_is_named(training):
@@ -193,3 +195,48 @@ def test_a_gpu_asked_for_where_there_is_none_is_named(training):
             STFlow(**TINY, device="cuda").fit(features, coords, expression)
     with pytest.raises(InputError, match="'gpu0' is not a torch device"):
         STFlow(**TINY, device="gpu0").fit(features, coords, expression)
+
+
+def test_an_ensemble_is_the_mean_of_its_members(training):
+    """Network i of an ensemble is the network that seed ``random_state + i`` trains alone."""
+    features, coords, _ = make_slide(15)
+    options = {**TINY, "epochs": 4, "non_negative": False}
+    ensemble = STFlow(**{**options, "n_models": 2}, random_state=4).fit(*training)
+    alone = [STFlow(**options, random_state=seed).fit(*training) for seed in (4, 5)]
+    assert len(ensemble.model_) == 2
+    members = np.mean([m.predict(features, coords) for m in alone], axis=0)
+    np.testing.assert_allclose(ensemble.predict(features, coords), members, rtol=1e-5, atol=1e-5)
+    assert np.abs(alone[0].predict(features, coords) - members).max() > 1e-3
+
+
+def test_genes_are_learnt_standardised_and_predicted_on_their_own_scale(training):
+    features, coords, expression, ids = training
+    scaled = expression * np.linspace(0.01, 100, expression.shape[1], dtype=np.float32)
+    model = STFlow(**TINY).fit(features, coords, scaled, ids)
+    np.testing.assert_allclose(model.target_mean_, scaled.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(model.target_scale_, scaled.std(0), rtol=1e-4)
+    predicted = model.predict(features, coords, ids)
+    ratio = predicted.std(0) / scaled.std(0)  # every gene on its own scale, none collapsed
+    assert ratio.min() > 0.3 and ratio.max() < 1.5
+    with pytest.raises(InputError, match="prior='zinb' draws log1p counts"):
+        STFlow(**TINY, prior="zinb").fit(features, coords, expression)
+    raw = STFlow(**{**TINY, "epochs": 2}, prior="zinb", standardize=False).fit(features, coords, expression)
+    assert raw.target_mean_ is None and (raw.predict(features, coords) >= 0).all()
+
+
+def test_models_saved_by_the_first_format_still_load(training, tmp_path):
+    """A format-1 file (one network on log1p values) predicts as it did."""
+    options = {**TINY, "epochs": 2, "standardize": False, "prior": "zinb"}
+    model = STFlow(**options).fit(*training)
+    model.save(tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    old = {**state, "format": "dflashdeconv.stflow/1",
+           "params": {k: v for k, v in state["params"].items()
+                      if k not in ("standardize", "n_models")},
+           "state_dict": {k.split(".", 1)[1]: v for k, v in state["state_dict"].items()}}
+    for name in ("target_mean", "target_scale"):
+        del old[name]
+    torch.save(old, tmp_path / "old.pt")
+    loaded = STFlow.load(tmp_path / "old.pt")
+    features, coords, _ = make_slide(16)
+    np.testing.assert_array_equal(loaded.predict(features, coords), model.predict(features, coords))

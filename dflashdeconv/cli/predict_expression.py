@@ -39,8 +39,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "written as the layer log1p_counts) or raw log1p counts")
     parser.add_argument("--encoder", default="morphology", help="patch encoder (default: %(default)s)")
     parser.add_argument("--encoder-weights", help="local weights file of a torch encoder")
-    parser.add_argument("--tile-size", type=int, default=224, help="tile side in pixels")
-    parser.add_argument("--tile-mpp", type=float, default=0.5, help="tile microns per pixel")
+    parser.add_argument("--tile-size", type=int, help="tile side in pixels (default: the "
+                        "model's, else the encoder's: 448 for morphology, 224 for ViTs)")
+    parser.add_argument("--tile-mpp", type=float, help="tile microns per pixel (default: the "
+                        "model's, else the encoder's: 0.5)")
     parser.add_argument("--stride-um", type=float, help="grid step in microns (default: tile side)")
     parser.add_argument("--epochs", type=int, help="STFlow training epochs (default: STFlow's)")
     parser.add_argument("--random-state", type=int, default=0,
@@ -67,6 +69,7 @@ def _genes(text: str):
 def run(args) -> int:
     """Run ``predict-expression``; bad input raises :class:`InputError` (exit code 2)."""
     from ..engine.cluster import connect
+    from ..histo.encoders import default_tile_spec
     from ..histo.predict import predict_expression, train_expression_model
     from ..histo.slide import TileSpec, open_slide
     from ..histo.stflow import STFlow
@@ -79,7 +82,8 @@ def run(args) -> int:
         check_labels(reference, args.cell_type_key)
     query_spots = read_anndata(args.query_spots) if args.query_spots else None
     query = open_slide(args.query, slide_mpp=args.slide_mpp, spots=query_spots, cache=args.cache)
-    spec = TileSpec(args.tile_size, args.tile_mpp)
+    default = default_tile_spec(args.encoder)
+    spec = TileSpec(args.tile_size or default.size, args.tile_mpp or default.mpp)
     model = STFlow.load(args.model) if args.model else None
     with connect(args.scheduler) as client:
         if model is None:

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from .image import file_fingerprint
+from .image import TileSpec, file_fingerprint
 from .morphology import MorphologyFeatures
 
 
@@ -68,12 +68,20 @@ class Encoder:
 
 # ---------------------------------------------------------------------------- morphology
 
-def _morphology_encoder(weights=None, work_size: int = 128) -> Encoder:
+#: The morphology encoder's fields: the central half of a tile (112 um of the default
+#: 224 um tile: the spot) and the whole tile (its surroundings). Two fields beat either
+#: alone by leave-one-section-out on HER2ST C2-C4 (benchmarks/bench_stflow.py).
+MORPHOLOGY_FIELDS = (0.5, 1.0)
+
+
+def _morphology_encoder(weights=None, work_size: int = 128,
+                        fields: tuple[float, ...] = MORPHOLOGY_FIELDS) -> Encoder:
     if weights is not None:
         raise InputError("the morphology encoder has no weights; do not pass weights=")
-    features = MorphologyFeatures(work_size)
+    features = MorphologyFeatures(work_size, tuple(fields))
     return Encoder("morphology", features, features.transform, len(features.feature_names),
-                   encoder_identity("morphology", None, {"work_size": work_size}))
+                   encoder_identity("morphology", None,
+                                    {"work_size": work_size, "fields": features.fields}))
 
 
 # ---------------------------------------------------------------------------- torch encoders
@@ -144,7 +152,7 @@ def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
 # ---------------------------------------------------------------------------- registry
 
 #: Bumped when an encoder's features change, so that stale cached features are not reused.
-_REVISIONS = {"morphology": 2}
+_REVISIONS = {"morphology": 3}
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {
     "morphology": _morphology_encoder,
@@ -185,6 +193,18 @@ def get_encoder(name: str = "morphology", *, weights=None, **options) -> Encoder
     return _REGISTRY[name](weights=weights, **options)
 
 
+#: Tiles each encoder reads unless told otherwise: pathology ViTs were trained on 224 px
+#: at about 0.5 um/px; the morphology encoder reads 448 px at 0.5 um/px (its central half
+#: is the same 112 um field at full resolution, the whole is its 224 um surroundings).
+_TILE_SPECS = {"morphology": TileSpec(448, 0.5)}
+
+
+def default_tile_spec(encoder) -> TileSpec:
+    """The tile spec ``encoder`` (a name or an :class:`Encoder`) reads by default."""
+    name = encoder.name if isinstance(encoder, Encoder) else encoder
+    return _TILE_SPECS.get(name, TileSpec())
+
+
 def encoder_identity(name: str, weights, options: dict) -> str:
     """Cache identity of an encoder: name, revision of its code, options, weights file."""
     revision = _REVISIONS.get(name, 1)
@@ -203,6 +223,6 @@ def features_key(identity: str, slide_fingerprint: str, spec_dict: dict, centres
     return h.hexdigest()[:32]
 
 
-__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder",
+__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder", "default_tile_spec",
            "available_encoders", "vit_encoder", "features_key", "encoder_identity"]
 

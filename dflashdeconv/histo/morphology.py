@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
+
 #: Ruifrok & Johnston optical densities of haematoxylin, eosin and DAB (rows, RGB).
 _STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _STAINS = _STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)
@@ -86,27 +88,47 @@ class MorphologyFeatures:
     Colour statistics (RGB, HSV), stain deconvolution into haematoxylin and eosin optical
     densities (statistics, histograms, area fractions), nuclei counts and sizes, and
     gradient / Laplacian / orientation-coherence / local-binary-pattern texture at two
-    scales. Tiles are first brought to ``work_size`` pixels so every tile spec gives
-    comparable statistics.
+    scales, computed for each of ``fields``: the central square of that fraction of the
+    tile's side (1.0: the whole tile). Several fields describe a spot and its surroundings
+    (the default encoder reads the central half and the whole of a 224 um tile). Each
+    field is first brought to ``work_size`` pixels so every tile spec gives comparable
+    statistics. With several fields, feature names start with ``field<percent>_``.
     """
 
-    def __init__(self, work_size: int = 128):
-        self.work_size = work_size
-        self.feature_names = tuple(self._features(np.zeros((1, 8, 8, 3), np.float32)))
+    def __init__(self, work_size: int = 128, fields: tuple[float, ...] = (1.0,)):
+        fields = tuple(float(f) for f in fields)
+        if not fields or any(not 0.0 < f <= 1.0 for f in fields) or len(set(fields)) < len(fields):
+            raise InputError(f"fields must be distinct fractions of the tile side in (0, 1], "
+                             f"got {fields}")
+        if work_size < 8 or work_size % 2:
+            raise InputError(f"work_size must be an even number of at least 8 pixels, got {work_size}")
+        self.work_size, self.fields = work_size, fields
+        names = tuple(self._features(np.zeros((1, 8, 8, 3), np.float32)))
+        self.feature_names = names if len(fields) == 1 else tuple(
+            f"field{round(100 * f)}_{name}" for f in fields for name in names)
 
     def transform(self, tiles: np.ndarray) -> np.ndarray:
-        """uint8 tiles resized to ``work_size`` (area averaging), as float32 in [0, 1]."""
+        """uint8 tiles (n, h, w, 3) -> each field's centre crop resized to ``work_size``
+        (area averaging), float32 in [0, 1], (n, n_fields, work_size, work_size, 3)."""
         from PIL import Image
 
         size = self.work_size
-        if tiles.shape[1:3] != (size, size):
-            tiles = np.stack([np.asarray(Image.fromarray(t).resize((size, size), Image.Resampling.BOX))
-                              for t in tiles])
-        return tiles.astype(np.float32) / 255.0
+        h, w = tiles.shape[1:3]
+        fields = []
+        for fraction in self.fields:
+            ch, cw = max(1, round(fraction * h)), max(1, round(fraction * w))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            crop = tiles[:, top:top + ch, left:left + cw]
+            if crop.shape[1:3] != (size, size):
+                crop = np.stack([np.asarray(Image.fromarray(t).resize((size, size), Image.Resampling.BOX))
+                                 for t in crop])
+            fields.append(crop)
+        return np.stack(fields, axis=1).astype(np.float32) / 255.0
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """(n, n_features) float32 features of the output of :meth:`transform`."""
-        return np.column_stack(list(self._features(rgb).values())).astype(np.float32)
+        return np.column_stack([np.column_stack(list(self._features(rgb[:, i]).values()))
+                                for i in range(rgb.shape[1])]).astype(np.float32)
 
     @staticmethod
     def _features(rgb: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from ..core.validation import as_count_matrix
 from ..errors import InputError
 from ..tables import layer_matrix
 from . import pool
+from .encoders import default_tile_spec
 from .image import TileSpec, image_transformations, slide_image
 from .slide import open_slide
 from .spots import PREDICTION_MARKER, spots_table
@@ -131,14 +132,15 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
     ``encoder``: a name of :func:`~dflashdeconv.histo.available_encoders` (a pathology
     ViT such as ``"uni"`` with its local ``encoder_weights`` and ``encoder_options``, e.g.
     ``{"n_heads": 16}`` for ``"vit"``). Reference patches are centred on the spots with
-    ``tile_spec`` (the same spec must be used for the query tiles; it is recorded in the
-    model). ``model``: an unfitted
+    ``tile_spec`` (default: the encoder's, :func:`~dflashdeconv.histo.encoders.default_tile_spec`;
+    the same spec must be used for the query tiles; it is recorded in the model).
+    ``model``: an unfitted
     :class:`STFlow` carrying the training parameters (default ``STFlow()``). Tasks run
     on the GPU pool of ``scheduler`` (a Client or address; None starts a LocalCluster).
     """
     from ..engine.cluster import connect
 
-    spec = tile_spec or TileSpec()
+    spec = tile_spec or default_tile_spec(encoder)
     if model is not None and not isinstance(model, STFlow):
         raise InputError(f"model must be an STFlow, got {type(model).__name__}")
     model = STFlow() if model is None else clone(model)  # never fit the caller's object
@@ -187,8 +189,8 @@ def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
 
 def predict_expression(query, training=None, *, model: STFlow | str | None = None, genes=50,
                        encoder: str = "morphology", encoder_weights=None,
-                       encoder_options: dict | None = None, tile_size: int = 224,
-                       tile_mpp: float = 0.5, locations: str = "tiles",
+                       encoder_options: dict | None = None, tile_size: int | None = None,
+                       tile_mpp: float | None = None, locations: str = "tiles",
                        stride_um: float | None = None, min_tissue: float = 0.5,
                        slide_mpp: float | None = None, image_key: str | None = None,
                        stflow: STFlow | None = None, layer: str | None = None,
@@ -201,8 +203,10 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
     (paired slides, see :func:`train_expression_model`; ``genes``, ``target``, ``stflow``
     and ``layer`` apply) or a fitted ``model`` (an :class:`STFlow` or the path of a saved
     one). ``locations="tiles"`` predicts on a grid of ``tile_size`` px tiles at
-    ``tile_mpp`` over the detected tissue (``stride_um``, ``min_tissue``), ``"spots"``
-    at the query's own spots.
+    ``tile_mpp`` over the detected tissue (``stride_um``, default the tile's side;
+    ``min_tissue``), ``"spots"`` at the query's own spots. The tile spec defaults to the
+    fitted model's (recorded at training), else the encoder's (448 px at 0.5 um/px for
+    ``"morphology"``, 224 px at 0.5 um/px for the ViTs).
 
     Returns the AnnData (X = the model's target: log1p counts per 10k, with the count
     scale in ``layers['log1p_counts']`` (from the predicted totals), or log1p counts for
@@ -218,13 +222,17 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         raise InputError(f"locations must be one of {LOCATIONS}, got {locations!r}")
     if (training is None) == (model is None):
         raise InputError("pass either training slides or a fitted model (not both, not neither)")
-    spec = TileSpec(tile_size, tile_mpp)
+    if model is not None:
+        model = STFlow.load(model) if isinstance(model, (str, Path)) else model
+        model._check_fitted()
+    recorded = None if model is None else model.metadata_.get("tile_spec")
+    default = TileSpec(**recorded) if recorded else default_tile_spec(encoder)
+    spec = TileSpec(default.size if tile_size is None else tile_size,
+                    default.mpp if tile_mpp is None else tile_mpp)
     sdata = _as_spatialdata(query, slide_mpp, cache, "query")
     slide = slide_image(sdata, image_key, slide_mpp)
     slide.require_mpp()
     if model is not None:
-        model = STFlow.load(model) if isinstance(model, (str, Path)) else model
-        model._check_fitted()
         _check_model_spec(model, encoder, spec)
     if locations == "spots":
         spots = spots_table(sdata, image_key=image_key)

@@ -2,11 +2,13 @@
 
 A denoiser over the spatial graph of a slide's spots (or tiles) predicts clean expression
 ``x1`` from image features, coordinates, flow time ``t`` and noisy expression ``x_t``;
-training regresses ``x1`` on ``x_t = (1 - t) x0 + t x1`` with ``x0`` from a zero-inflated
-negative-binomial prior in log1p space; sampling integrates the flow with Euler steps.
-Neighbourhoods come from a k-d tree (never an N x N matrix); edge geometry is expressed
-in per-spot PCA frames averaged over their sign flips, so predictions do not change when
-the slide is rotated, reflected or translated.
+training regresses ``x1`` on ``x_t = (1 - t) x0 + t x1`` with ``x0`` drawn from a prior;
+sampling integrates the flow with Euler steps. By default each gene is standardised with
+the training spots' statistics (so every gene weighs the same in the loss, as in the
+per-gene Pearson the field scores) and the prior is a standard Gaussian in that space;
+several networks (seeds) are averaged. Neighbourhoods come from a k-d tree (never an
+N x N matrix); edge geometry is expressed in per-spot PCA frames averaged over their sign
+flips, so predictions do not change when the slide is rotated, reflected or translated.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from ..errors import InputError
 from ..log import logger, verbose_logging
 
 #: File format tag of saved models.
-FORMAT = "dflashdeconv.stflow/1"
+FORMAT = "dflashdeconv.stflow/2"
+#: Saved by earlier versions (one network, no standardisation).
+FORMAT_V1 = "dflashdeconv.stflow/1"
 PRIORS = ("zinb", "gaussian", "zero")
 FEATURE_NORMS = ("slide", "global")
 
@@ -178,8 +182,8 @@ class FlowBlock(nn.Module):
 class STFlowNet(nn.Module):
     """The denoiser: predicts clean expression x1 from features, x_t, t and geometry."""
 
-    def __init__(self, n_features: int, n_genes: int, hidden_dim: int = 128, n_layers: int = 4,
-                 n_heads: int = 4, dropout: float = 0.2, non_negative: bool = True):
+    def __init__(self, n_features: int, n_genes: int, hidden_dim: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, dropout: float = 0.2, non_negative: bool = False):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.feature_proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, hidden_dim))
@@ -243,9 +247,15 @@ class _Slide:
     def tree(self) -> cKDTree:
         return cKDTree(self.positions)
 
+    def item(self, rows=None) -> tuple:
+        """(features, coords, expression) of ``rows`` (all: None)."""
+        arrays = (self.features, self.coords, self.expression)
+        return arrays if rows is None else tuple(None if a is None else a[rows] for a in arrays)
+
 
 def _batch(items, k: int, device) -> dict[str, torch.Tensor]:
-    """Pad items (features, coords, expression) into one batch with per-item neighbours."""
+    """Pad items (features, coords, expression or None) into one batch with per-item
+    neighbours."""
     size = max(item[0].shape[0] for item in items)
     n_features = items[0][0].shape[1]
     b = len(items)
@@ -273,9 +283,9 @@ def _batch(items, k: int, device) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _scale(features: np.ndarray) -> np.ndarray:
+def _scale(values: np.ndarray) -> np.ndarray:
     """Per-column standard deviation, 1 where a column is constant."""
-    std = features.std(0)
+    std = values.std(0)
     return np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
@@ -311,35 +321,45 @@ class STFlow(BaseEstimator):
     """STFlow expression predictor (a scikit-learn estimator: ``get_params``,
     ``set_params`` and ``sklearn.base.clone`` work).
 
+    The defaults were chosen by leave-one-section-out on HER2ST C2-C4 only (log1p counts
+    per 10k, 50 genes; never on C5 or patient B): see benchmarks/bench_stflow.py.
+
     Parameters
     ----------
-    hidden_dim, n_layers, n_heads : network size (about 1M parameters at 128/4/4 with
-        1024-wide features).
+    hidden_dim, n_layers, n_heads : network size, default 64, 2, 4.
     n_neighbors : int, default 8
         Spatial neighbours per spot (same slide, self excluded).
     dropout : float, default 0.2
-    prior : {"zinb", "gaussian", "zero"}, default "zinb"
+    prior : {"gaussian", "zinb", "zero"}, default "gaussian"
+        Flow source. "zinb" draws log1p counts of a zero-inflated negative binomial
+        (the STFlow paper's prior) and needs ``standardize=False``.
+    standardize : bool, default True
+        Learn each gene standardised by the training spots' mean and standard deviation
+        (predictions are mapped back), so that every gene weighs the same in the loss.
     feature_norm : {"slide", "global"}, default "slide"
         Standardise image features within each slide (removes stain and scanner shifts
         between slides; the query slide uses its own statistics) or with the training
         spots' statistics.
     non_negative : bool, default True
-        ReLU on the expression estimates (log1p counts are non-negative).
+        Predictions are clipped at zero (log1p values are non-negative); without
+        ``standardize`` the network's estimates go through a ReLU instead.
     n_sample_steps : int, default 5
         Points of the Euler time grid from 0.01 to 1 at inference.
-    n_samples : int, default 8
-        Prior draws averaged at inference (each an independent Euler integration).
+    n_samples : int, default 32
+        Prior draws averaged at inference per network (each an independent Euler
+        integration).
+    n_models : int, default 3
+        Networks trained from seeds ``random_state``, ``random_state + 1``, ...; their
+        predictions are averaged.
     epochs, learning_rate, weight_decay, batch_size : int, float, float, int
-        Training schedule (AdamW, gradient norm clipped at 1), default 60, 2.5e-4, 1e-4, 4.
-        The defaults of ``epochs``, ``learning_rate``, ``chunks_per_slide`` and
-        ``n_samples`` were chosen by leave-one-section-out on HER2ST C2-C4
-        (benchmarks/bench_stflow.py --select).
+        Training schedule (AdamW, gradient norm clipped at 1, cosine learning-rate decay
+        over the epochs), default 200, 1e-3, 1e-4, 4.
     chunks_per_slide : int, default 16
-        Training items drawn per slide and epoch: a random centre spot and its nearest
-        U(0, 1) x N spots (at least 2).
-    whole_slide_max_spots : int, default 0
-        Slides with at most this many spots are trained on whole (one item per epoch)
-        instead of in chunks.
+        Training items drawn per slide and epoch from slides larger than
+        ``whole_slide_max_spots``: a random centre spot and its nearest U(0, 1) x N spots
+        (at least 2).
+    whole_slide_max_spots : int, default 5000
+        Slides with at most this many spots are trained on whole (one item per epoch).
     random_state : int, default 0
         Seeds initialisation, chunks, flow times, priors and dropout.
     device : str or None
@@ -349,28 +369,32 @@ class STFlow(BaseEstimator):
 
     Attributes
     ----------
-    model_ : the fitted :class:`STFlowNet`; n_features_in_, n_genes_; gene_names_ (or
-    None); feature_mean_, feature_scale_ : training standardisation of the features
-    (None with ``feature_norm="slide"``);
-    loss_curve_ : mean training loss per epoch; metadata_ : dict saved with the model
-    (encoder, tile spec, ... as the caller records them).
+    model_ : ``torch.nn.ModuleList`` of the fitted :class:`STFlowNet` networks;
+    n_features_in_, n_genes_; gene_names_ (or None); feature_mean_, feature_scale_ :
+    training standardisation of the features (None with ``feature_norm="slide"``);
+    target_mean_, target_scale_ : the genes' training standardisation (None without
+    ``standardize``); loss_curve_ : mean training loss per epoch (mean over the
+    networks); metadata_ : dict saved with the model (encoder, tile spec, ... as the
+    caller records them).
     """
 
-    def __init__(self, hidden_dim=128, n_layers=4, n_heads=4, n_neighbors=8, dropout=0.2,
-                 prior="zinb", feature_norm="slide", non_negative=True, n_sample_steps=5,
-                 n_samples=8, epochs=60, learning_rate=2.5e-4, weight_decay=1e-4, batch_size=4,
-                 chunks_per_slide=16, whole_slide_max_spots=0, random_state=0, device=None,
-                 verbose=False):
+    def __init__(self, hidden_dim=64, n_layers=2, n_heads=4, n_neighbors=8, dropout=0.2,
+                 prior="gaussian", standardize=True, feature_norm="slide",
+                 non_negative=True, n_sample_steps=5, n_samples=32, n_models=3, epochs=200,
+                 learning_rate=1e-3, weight_decay=1e-4, batch_size=4, chunks_per_slide=16,
+                 whole_slide_max_spots=5000, random_state=0, device=None, verbose=False):
         self.hidden_dim = hidden_dim
         self.n_layers = n_layers
         self.n_heads = n_heads
         self.n_neighbors = n_neighbors
         self.dropout = dropout
         self.prior = prior
+        self.standardize = standardize
         self.feature_norm = feature_norm
         self.non_negative = non_negative
         self.n_sample_steps = n_sample_steps
         self.n_samples = n_samples
+        self.n_models = n_models
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -384,7 +408,7 @@ class STFlow(BaseEstimator):
     # ------------------------------------------------------------------ checks
     _parameter_constraints = {
         **dict.fromkeys(("hidden_dim", "n_layers", "n_heads", "n_neighbors", "n_samples",
-                         "batch_size", "chunks_per_slide"),
+                         "n_models", "batch_size", "chunks_per_slide"),
                         [Interval(Integral, 1, None, closed="left")]),
         "n_sample_steps": [Interval(Integral, 2, None, closed="left")],  # grid 0.01 -> 1
         "epochs": [Interval(Integral, 0, None, closed="left")],
@@ -394,14 +418,17 @@ class STFlow(BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "prior": [StrOptions(set(PRIORS))],
         "feature_norm": [StrOptions(set(FEATURE_NORMS))],
-        "non_negative": ["boolean"],
+        **dict.fromkeys(("standardize", "non_negative", "verbose"), ["boolean"]),
         "random_state": [Interval(Integral, 0, None, closed="left")],
         "device": [str, None],
-        "verbose": ["boolean"],
     }
 
     def _check_params(self) -> None:
         validate_params(self)
+        if self.standardize and self.prior == "zinb":
+            raise InputError("prior='zinb' draws log1p counts, but with standardize=True the "
+                             "model learns standardised genes: use prior='gaussian' (or "
+                             "standardize=False)")
 
     def _torch_device(self) -> torch.device:
         """The device asked for; a GPU asked for where none is usable is an error (never a
@@ -419,6 +446,10 @@ class STFlow(BaseEstimator):
                 raise InputError(f"device={self.device!r}: only {torch.cuda.device_count()} "
                                  "GPU(s) are visible")
         return device
+
+    def _net(self) -> STFlowNet:
+        return STFlowNet(self.n_features_in_, self.n_genes_, self.hidden_dim, self.n_layers,
+                         self.n_heads, self.dropout, self.non_negative and not self.standardize)
 
     def _slides(self, features, coords, slide_ids, expression=None) -> list[_Slide]:
         """Standardised per-slide arrays (spots grouped by ``slide_ids``) from checked
@@ -442,7 +473,7 @@ class STFlow(BaseEstimator):
             if np.unique(xy, axis=0).shape[0] != xy.shape[0]:
                 raise InputError(f"slide {slide!r} has spots with duplicate coordinates")
             xy = (xy - xy.mean(0)) / spacing(xy)
-            slides.append(_Slide(slide_features, xy.astype(np.float32),
+            slides.append(_Slide(slide_features.astype(np.float32), xy.astype(np.float32),
                                  None if expression is None else expression[rows], xy))
         return slides
 
@@ -452,34 +483,41 @@ class STFlow(BaseEstimator):
         """Train on spots of one or more slides.
 
         features (N, F) from a frozen encoder; coords (N, 2) pixel positions; expression
-        (N, G) log1p counts of the gene panel; slide_ids (N,) which slide each spot is on
-        (neighbours never cross slides). Inputs are not modified.
+        (N, G) the target (e.g. log1p counts per 10k) of the gene panel; slide_ids (N,)
+        which slide each spot is on (neighbours never cross slides). Inputs are not
+        modified.
         """
         self._check_params()
         features = _check_array("features", features)
         expression = _check_array("expression", expression, features.shape[0])
         if (expression < 0).any() and self.non_negative:
-            raise InputError("expression has negative values: pass log1p counts, or set "
+            raise InputError("expression has negative values: pass log1p values, or set "
                              "non_negative=False")
         if gene_names is not None and len(gene_names) != expression.shape[1]:
             raise InputError(f"{len(gene_names)} gene names for {expression.shape[1]} genes")
         self.feature_mean_, self.feature_scale_ = None, None
         if self.feature_norm == "global":
             self.feature_mean_, self.feature_scale_ = features.mean(0), _scale(features)
+        self.target_mean_, self.target_scale_ = None, None
+        if self.standardize:
+            self.target_mean_, self.target_scale_ = expression.mean(0), _scale(expression)
+            expression = (expression - self.target_mean_) / self.target_scale_
         slides = self._slides(features, coords, slide_ids, expression)
         device = self._torch_device()
         self.n_features_in_, self.n_genes_ = features.shape[1], expression.shape[1]
         self.gene_names_ = None if gene_names is None else [str(g) for g in gene_names]
         self.metadata_ = dict(metadata or {})
+        nets, curves = [], []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                _FlushDenormals():
-            torch.manual_seed(self.random_state)
-            self.model_ = STFlowNet(self.n_features_in_, self.n_genes_, self.hidden_dim,
-                                    self.n_layers, self.n_heads, self.dropout,
-                                    self.non_negative).to(device)
-            with verbose_logging(self.verbose):
-                self.loss_curve_ = self._train(slides, device)
-        self.model_.eval()
+                _FlushDenormals(), verbose_logging(self.verbose):
+            for member in range(self.n_models):
+                seed = self.random_state + member
+                torch.manual_seed(seed)
+                net = self._net().to(device)
+                curves.append(self._train(net, slides, device, seed, member))
+                nets.append(net.eval())
+        self.model_ = nn.ModuleList(nets)
+        self.loss_curve_ = np.mean(curves, axis=0).tolist() if self.epochs else []
         return self
 
     def _items(self, slides: list[_Slide], rng: np.random.Generator) -> list[tuple]:
@@ -487,24 +525,24 @@ class STFlow(BaseEstimator):
         for slide in slides:
             n = slide.features.shape[0]
             if n <= self.whole_slide_max_spots:
-                items.append((slide.features, slide.coords, slide.expression))
+                items.append(slide.item())
                 continue
             for _ in range(self.chunks_per_slide):
                 centre = int(rng.integers(n))
                 size = min(n, max(2, int(math.ceil(rng.uniform() * n))))
                 _, rows = slide.tree.query(slide.coords[centre], k=size)
-                rows = np.sort(np.atleast_1d(rows))
-                items.append((slide.features[rows], slide.coords[rows], slide.expression[rows]))
+                items.append(slide.item(np.sort(np.atleast_1d(rows))))
         order = rng.permutation(len(items))
         return [items[i] for i in order]
 
-    def _train(self, slides, device) -> list[float]:
-        rng = np.random.default_rng(self.random_state)
-        generator = torch.Generator(device=device).manual_seed(self.random_state)
-        optimiser = torch.optim.AdamW(self.model_.parameters(), lr=self.learning_rate,
+    def _train(self, net: STFlowNet, slides, device, seed: int, member: int) -> list[float]:
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=self.learning_rate,
                                       weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(self.epochs, 1))
         curve = []
-        self.model_.train()
+        net.train()
         for epoch in range(self.epochs):
             items = self._items(slides, rng)
             total, weight = 0.0, 0
@@ -514,19 +552,21 @@ class STFlow(BaseEstimator):
                 t = torch.rand(x1.shape[0], generator=generator, device=device)
                 x0 = sample_prior(self.prior, x1.shape, generator, device)
                 x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
-                estimate = self.model_(batch["features"], x_t, t, batch["index"], batch["valid"],
-                                       batch["geometry"])
+                estimate = net(batch["features"], x_t, t, batch["index"], batch["valid"],
+                               batch["geometry"])
                 mask = batch["mask"].unsqueeze(-1).to(x1.dtype)
                 loss = (((estimate - x1) ** 2) * mask).sum() / (mask.sum() * x1.shape[-1])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.model_.parameters(), 1.0)
+                nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 optimiser.step()
                 total += float(loss.detach()) * int(batch["mask"].sum())
                 weight += int(batch["mask"].sum())
+            schedule.step()
             curve.append(total / max(weight, 1))
             if epoch % 10 == 0 or epoch == self.epochs - 1:
-                logger.info("STFlow epoch %d/%d: loss %.4f", epoch + 1, self.epochs, curve[-1])
+                logger.info("STFlow epoch %d/%d (network %d/%d): loss %.4f", epoch + 1,
+                            self.epochs, member + 1, self.n_models, curve[-1])
         return curve
 
     # ------------------------------------------------------------------ prediction
@@ -542,24 +582,30 @@ class STFlow(BaseEstimator):
         ids = np.zeros(features.shape[0], np.int64) if slide_ids is None else np.asarray(slide_ids)
         out = np.empty((features.shape[0], self.n_genes_), np.float32)
         device = next(self.model_.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.random_state + 1)
         self.model_.eval()
         with _FlushDenormals():
             for slide, key in zip(slides, dict.fromkeys(ids.tolist())):
-                batch = _batch([(slide.features, slide.coords, None)], self.n_neighbors, device)
-                draws = [self._sample(batch, generator, device) for _ in range(self.n_samples)]
+                batch = _batch([slide.item()], self.n_neighbors, device)
+                draws = []
+                for member, net in enumerate(self.model_):
+                    generator = torch.Generator(device=device).manual_seed(
+                        self.random_state + member + 1_000_003)
+                    draws += [self._sample(net, batch, generator, device)
+                              for _ in range(self.n_samples)]
                 out[ids == key] = torch.stack(draws).mean(0)[0].cpu().numpy()
-        return out
+        if self.standardize:
+            out = out * self.target_scale_ + self.target_mean_
+        return np.maximum(out, 0.0) if self.non_negative else out
 
     @torch.inference_mode()
-    def _sample(self, batch, generator, device) -> torch.Tensor:
+    def _sample(self, net, batch, generator, device) -> torch.Tensor:
         shape = (1, batch["features"].shape[1], self.n_genes_)
         x = sample_prior(self.prior, shape, generator, device)
         grid = torch.linspace(0.01, 1.0, self.n_sample_steps, device=device)
         estimate = x
         for t, t_next in zip(grid[:-1], grid[1:]):
-            estimate = self.model_(batch["features"], x, t.reshape(1), batch["index"],
-                                   batch["valid"], batch["geometry"])
+            estimate = net(batch["features"], x, t.reshape(1), batch["index"], batch["valid"],
+                           batch["geometry"])
             x = x + (t_next - t) * (estimate - x) / (1 - t)
         return estimate
 
@@ -568,37 +614,45 @@ class STFlow(BaseEstimator):
         """Write parameters, weights and fitted attributes (torch format, loads with
         ``weights_only=True``: no pickled code)."""
         self._check_fitted()
+
+        def tensor(array):
+            return None if array is None else torch.from_numpy(np.asarray(array))
+
         torch.save({
             "format": FORMAT,
             "params": {k: v for k, v in self.get_params().items() if k != "device"},
             "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
             "n_features_in": int(self.n_features_in_), "n_genes": int(self.n_genes_),
-            "feature_mean": None if self.feature_mean_ is None else torch.from_numpy(self.feature_mean_),
-            "feature_scale": None if self.feature_scale_ is None else torch.from_numpy(self.feature_scale_),
+            **{name: tensor(getattr(self, name + "_")) for name in
+               ("feature_mean", "feature_scale", "target_mean", "target_scale")},
             "gene_names": self.gene_names_, "loss_curve": list(self.loss_curve_),
             "metadata": self.metadata_,
         }, path)
 
     @classmethod
     def load(cls, path, device=None) -> "STFlow":
-        """A fitted STFlow from :meth:`save`, on ``device`` (default CPU)."""
+        """A fitted STFlow from :meth:`save`, on ``device`` (default CPU). Models saved by
+        earlier versions (format 1: one network on log1p values) load as they were."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any failure means "not a saved model"
             raise InputError(f"{path} is not a saved STFlow model ({error})") from error
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_V1):
             raise InputError(f"{path} is not a saved STFlow model (format {FORMAT})")
-        model = cls(**state["params"], device=device)
+        params, weights = state["params"], state["state_dict"]
+        if state["format"] == FORMAT_V1:  # one network, raw targets
+            params = {**params, "standardize": False, "n_models": 1}
+            weights = {f"0.{k}": v for k, v in weights.items()}
+            state = {**state, "target_mean": None, "target_scale": None}
+        model = cls(**params, device=device)
         model.n_features_in_, model.n_genes_ = state["n_features_in"], state["n_genes"]
-        model.feature_mean_, model.feature_scale_ = (
-            None if state[name] is None else state[name].numpy()
-            for name in ("feature_mean", "feature_scale"))
+        for name in ("feature_mean", "feature_scale", "target_mean", "target_scale"):
+            setattr(model, name + "_", None if state[name] is None else state[name].numpy())
         model.gene_names_ = state["gene_names"]
         model.loss_curve_ = state["loss_curve"]
         model.metadata_ = state["metadata"]
-        model.model_ = STFlowNet(model.n_features_in_, model.n_genes_, model.hidden_dim,
-                                 model.n_layers, model.n_heads, model.dropout, model.non_negative)
-        model.model_.load_state_dict(state["state_dict"])
+        model.model_ = nn.ModuleList(model._net() for _ in range(model.n_models))
+        model.model_.load_state_dict(weights)
         model.model_.to(model._torch_device()).eval()
         return model
 
