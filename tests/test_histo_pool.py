@@ -97,16 +97,29 @@ def trained(training, gpu_pool, tmp_path_factory):
     return model, cache
 
 
-def test_histology_tasks_land_on_the_gpu_worker(gpu_pool, training, tmp_path):
+def test_torch_encoders_run_on_the_gpu_worker_and_cpu_encoders_on_all(gpu_pool, training,
+                                                                       tmp_path):
+    import torch
+
+    from dflashdeconv.histo.vit import VisionTransformer, ViTConfig
+
     gpu = gpu_workers(gpu_pool)
-    assert len(gpu) == 1 and len(gpu_pool.scheduler_info()["workers"]) == 2
+    workers = set(gpu_pool.scheduler_info()["workers"])
+    assert len(gpu) == 1 and len(workers) == 2
     sdata, spots = training[0]
     slide = slide_image(sdata)
     centres = spots_table(sdata).centres
-    features, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0),
-                                         tiles_per_task=16, cache=tmp_path)
-    assert len(records) == -(-len(centres) // 16)
+    torch.manual_seed(0)
+    torch.save(VisionTransformer(ViTConfig(32, 8, 32, 2, 2, 64, 1e-5)).state_dict(),
+               tmp_path / "vit.pt")
+    _, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0), "vit",
+                                  weights=tmp_path / "vit.pt", options={"n_heads": 2},
+                                  tiles_per_task=4, cache=tmp_path)
+    assert len(records) == -(-len(centres) // 4)
     assert {r.worker for r in records} == set(gpu) and {r.device for r in records} == {"cpu"}
+    features, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0),
+                                         tiles_per_task=4, cache=tmp_path)
+    assert {r.worker for r in records} == workers  # numpy work: every worker's cores
     # the features are those of tiles read in this process, in the caller's order
     from dflashdeconv.histo.encoders import get_encoder
 

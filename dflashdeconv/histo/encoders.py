@@ -199,6 +199,19 @@ def get_encoder(name: str = "morphology", *, weights=None, **options) -> Encoder
 _TILE_SPECS = {"morphology": TileSpec(448, 0.5)}
 
 
+#: Encoders whose arithmetic is numpy on the CPU: their tiles go to every worker's cores,
+#: not to the GPU workers (a GPU worker would run them on one CPU thread).
+_CPU_ENCODERS = {"morphology"}
+
+
+def wants_gpu(encoder) -> bool:
+    """Whether ``encoder`` (a name or an :class:`Encoder`) runs on a GPU when there is one:
+    torch encoders do; the CPU encoders (``"morphology"``) do not."""
+    if isinstance(encoder, Encoder):
+        return encoder.uses_torch
+    return encoder not in _CPU_ENCODERS
+
+
 def default_tile_spec(encoder) -> TileSpec:
     """The tile spec ``encoder`` (a name or an :class:`Encoder`) reads by default."""
     name = encoder.name if isinstance(encoder, Encoder) else encoder
@@ -223,6 +236,6 @@ def features_key(identity: str, slide_fingerprint: str, spec_dict: dict, centres
     return h.hexdigest()[:32]
 
 
-__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder", "default_tile_spec",
+__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder", "default_tile_spec", "wants_gpu",
            "available_encoders", "vit_encoder", "features_key", "encoder_identity"]
 

@@ -1,10 +1,12 @@
 """The GPU worker pool: histology tasks on Dask workers that declare ``GPU=1``.
 
-Tasks are submitted with ``resources={"GPU": 1}`` when the cluster has such workers
-(``dask worker ADDRESS --resources GPU=1``, one worker per GPU) and run on the device
+Torch tasks (training, sampling, torch encoders) are submitted with
+``resources={"GPU": 1}`` when the cluster has such workers (``dask worker ADDRESS
+--resources GPU=1``, one worker per GPU) and run on the device
 :func:`~dflashdeconv.histo.devices.task_device` picks there; without them the same tasks
-run on any worker, on CPU. Workers read their own tiles from the lazy slide, so only
-coordinates go out and only features come back.
+run on any worker, on CPU. Tiles for a CPU encoder (``"morphology"``) go to every worker.
+Workers read their own tiles from the lazy slide, so only coordinates go out and only
+features come back.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import numpy as np
 
 from ..errors import InputError
 from .devices import gpu_task_options, task_device
-from .encoders import Encoder, encoder_identity, features_key, get_encoder
+from .encoders import Encoder, encoder_identity, features_key, get_encoder, wants_gpu
 from .image import SlideImage, TileSpec, cache_dir
 
-#: Tiles read and embedded per task (bounds a task's memory: 512 x 224^2 x 3 B = 77 MB).
-TILES_PER_TASK = 512
+#: Tile pixels read and embedded per task (bounds a task's memory: 77 MB of RGB, 512
+#: tiles of 224 px or 128 of 448 px).
+PIXELS_PER_TASK = 512 * 224 * 224
 
 # Encoders built in this worker process, by (name, weights, options): weights load once.
 _ENCODERS: dict[tuple, Encoder] = {}
@@ -85,9 +88,11 @@ def predict_task(model, features, coords, slide_ids=None):
         model.model_.to("cpu")
 
 
-def submit(client, function, *args, **kwargs):
-    """``client.submit`` that sends the task to a GPU worker when the cluster has one."""
-    return client.submit(function, *args, pure=False, **gpu_task_options(client), **kwargs)
+def submit(client, function, *args, gpu: bool = True, **kwargs):
+    """``client.submit`` that sends the task to a GPU worker when the cluster has one
+    (and ``gpu``), else to any worker."""
+    options = gpu_task_options(client) if gpu else {}
+    return client.submit(function, *args, pure=False, **options, **kwargs)
 
 
 def gather(futures, description: str | None = None):
@@ -106,11 +111,13 @@ def _spatial_order(centres: np.ndarray, side: float) -> np.ndarray:
 
 def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="morphology", *,
                 weights=None, options: dict | None = None, cache=None, use_cache: bool = True,
-                tiles_per_task: int = TILES_PER_TASK, description: str | None = None):
+                tiles_per_task: int | None = None, description: str | None = None):
     """Features (n, F) of the tiles of ``spec`` at ``centres`` and the task records.
 
-    Features are cached per (slide, tile spec, encoder, centres) under
-    ``cache_dir(cache)/features``; a cached result is returned without any task.
+    Tasks of ``tiles_per_task`` tiles (default: :data:`PIXELS_PER_TASK` worth) run on the
+    GPU workers for a torch encoder, on all workers for a CPU one. Features are cached per
+    (slide, tile spec, encoder, centres) under ``cache_dir(cache)/features``; a cached
+    result is returned without any task.
     """
     centres = np.asarray(centres, np.float64).reshape(-1, 2)
     if len(centres) == 0:
@@ -122,11 +129,14 @@ def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="mor
         f"{features_key(identity, slide.fingerprint, spec.to_dict(), centres)}.npy"
     if use_cache and path.exists():
         return np.load(path), []
+    tiles_per_task = tiles_per_task or max(1, PIXELS_PER_TASK // spec.size ** 2)
     order = _spatial_order(centres, slide.field_px(spec))
-    # sent once, not with every task: an in-memory image travels inside the slide's graph
-    [shared_slide] = client.scatter([slide], hash=False)
+    # sent once, not with every task (an in-memory image travels inside the slide's
+    # graph); to every worker when every worker embeds
+    gpu = wants_gpu(encoder)
+    [shared_slide] = client.scatter([slide], hash=False, broadcast=not gpu)
     futures = [submit(client, embed_task, shared_slide, centres[order[start:start + tiles_per_task]],
-                      spec, encoder, weights, options)
+                      spec, encoder, weights, options, gpu=gpu)
                for start in range(0, len(order), tiles_per_task)]
     parts = gather(futures, description)
     features = np.empty((len(centres), parts[0][0].shape[1]), np.float32)
@@ -145,4 +155,4 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 __all__ = ["embed_task", "train_task", "predict_task", "submit", "gather", "embed_tiles",
-           "TaskRecord", "TILES_PER_TASK"]
+           "TaskRecord", "PIXELS_PER_TASK"]
