@@ -110,8 +110,9 @@ def test_peaks_follow_the_block_size_not_the_data_size(tmp_path):
     for rows in (1024, 8192):  # twice the data (+~300 MiB of counts): the peaks do not follow
         small, large = peaks[40_000, rows], peaks[80_000, rows]
         assert large.worker < small.worker * 1.25 + 30 * MiB, report
-        # the client's peak holds the task graph and the allocator's noise (+-60 MiB seen)
-        assert large.peak["client"] < small.peak["client"] * 1.25 + 30 * MiB, report
+        # the client's peak holds the task graph and the allocator's noise (203-291 MiB
+        # seen for the same run): a client that held the doubled counts would add ~300 MiB
+        assert large.peak["client"] < small.peak["client"] + 150 * MiB, report
     for n in tissues:  # 8x larger blocks: the workers' peaks follow
         assert peaks[n, 8192].worker > peaks[n, 1024].worker * 1.5, report
 

@@ -233,3 +233,14 @@ def test_feature_cache_keys_separate_slides_specs_encoders_and_tiles():
                 features_key(encoder_identity("uni", None, {}), "slide-a",
                              {"size": 224, "mpp": 0.5}, centres),
                 features_key(identity, "slide-a", {"size": 224, "mpp": 0.5}, centres + 1)}) == 5
+
+
+def test_each_encoder_has_its_tile_spec_and_device():
+    from dflashdeconv.histo.encoders import default_tile_spec, wants_gpu
+    from dflashdeconv.histo.image import TileSpec
+
+    assert default_tile_spec("morphology") == TileSpec(448, 0.5)  # 112 um centre at full resolution
+    assert default_tile_spec(get_encoder()) == TileSpec(448, 0.5)
+    assert default_tile_spec("uni") == TileSpec(224, 0.5)
+    assert not wants_gpu("morphology") and not wants_gpu(get_encoder())
+    assert wants_gpu("uni") and wants_gpu("timm:resnet18")
