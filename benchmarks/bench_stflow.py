@@ -209,7 +209,8 @@ def evaluate(data, kind, which, seeds, device) -> dict:
             predicted = stflow_predict(data, training, test, genes, kind, seed, device)
             seconds.append(time.perf_counter() - start)
             scores.append(per_gene_pearson(predicted, observed))
-        rows["STFlow (defaults)"] = (float(np.mean(scores)), float(np.std(scores, ddof=1)),
+        runs_sd = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+        rows["STFlow (defaults)"] = (float(np.mean(scores)), runs_sd,
                                      f"random_state {[100 * s for s in seeds]}: "
                                      f"{np.round(scores, 3).tolist()}, "
                                      f"{np.mean(seconds):.0f} s/fit+predict")
