@@ -69,8 +69,9 @@ class Encoder:
 # ---------------------------------------------------------------------------- morphology
 
 #: The morphology encoder's fields: the central half of a tile (112 um of the default
-#: 224 um tile: the spot) and the whole tile (its surroundings). Two fields beat either
-#: alone by leave-one-section-out on HER2ST C2-C4 (benchmarks/bench_stflow.py).
+#: 224 um tile: the spot) and the whole tile (its surroundings); chosen by
+#: leave-one-section-out on HER2ST C2-C4 (a third, 448 um field lifted the linear probe
+#: more than STFlow).
 MORPHOLOGY_FIELDS = (0.5, 1.0)
 
 
@@ -236,6 +237,7 @@ def features_key(identity: str, slide_fingerprint: str, spec_dict: dict, centres
     return h.hexdigest()[:32]
 
 
-__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder", "default_tile_spec", "wants_gpu",
-           "available_encoders", "vit_encoder", "features_key", "encoder_identity"]
+__all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder",
+           "default_tile_spec", "wants_gpu", "available_encoders", "vit_encoder",
+           "features_key", "encoder_identity"]
 
