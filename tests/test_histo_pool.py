@@ -22,6 +22,7 @@ from dflashdeconv.histo.devices import gpu_workers
 from dflashdeconv.histo.predict import (
     TOTAL_COUNTS,
     predict_expression,
+    resolve_tile_spec,
     select_genes,
     train_expression_model,
 )
@@ -304,3 +305,13 @@ def test_the_panel_is_chosen_on_the_counts_the_model_learns():
     expected = select_genes([plain], 10)
     assert list(select_genes([layered], 10, layer="counts")) == list(expected)
     assert list(select_genes([layered], 10)) != list(expected)  # .X ranks genes otherwise
+
+
+def test_a_partial_tile_spec_takes_the_rest_from_the_model_else_the_encoder(trained):
+    model, _ = trained
+    assert resolve_tile_spec(None, None, "morphology", model) == TileSpec(32, 2.0)
+    assert resolve_tile_spec(64, None, "morphology", model) == TileSpec(64, 2.0)
+    assert resolve_tile_spec(None, 1.0, "morphology") == TileSpec(448, 1.0)
+    assert resolve_tile_spec(None, None, "uni") == TileSpec(224, 0.5)
+    with pytest.raises(InputError, match="tile size must be an integer of at least 8"):
+        resolve_tile_spec(0, None, "morphology")  # never silently the default

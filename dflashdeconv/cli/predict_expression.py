@@ -69,9 +69,12 @@ def _genes(text: str):
 def run(args) -> int:
     """Run ``predict-expression``; bad input raises :class:`InputError` (exit code 2)."""
     from ..engine.cluster import connect
-    from ..histo.encoders import default_tile_spec
-    from ..histo.predict import predict_expression, train_expression_model
-    from ..histo.slide import TileSpec, open_slide
+    from ..histo.predict import (
+        predict_expression,
+        resolve_tile_spec,
+        train_expression_model,
+    )
+    from ..histo.slide import open_slide
     from ..histo.stflow import STFlow
     from ..io import check_labels, read_anndata
     from ..tl import predict_cell_types
@@ -82,8 +85,7 @@ def run(args) -> int:
         check_labels(reference, args.cell_type_key)
     query_spots = read_anndata(args.query_spots) if args.query_spots else None
     query = open_slide(args.query, slide_mpp=args.slide_mpp, spots=query_spots, cache=args.cache)
-    default = default_tile_spec(args.encoder)
-    spec = TileSpec(args.tile_size or default.size, args.tile_mpp or default.mpp)
+    spec = resolve_tile_spec(args.tile_size, args.tile_mpp, args.encoder)
     model = STFlow.load(args.model) if args.model else None
     with connect(args.scheduler) as client:
         if model is None:

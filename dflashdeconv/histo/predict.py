@@ -176,6 +176,16 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
     return fitted
 
 
+def resolve_tile_spec(tile_size: int | None, tile_mpp: float | None, encoder,
+                      model: STFlow | None = None) -> TileSpec:
+    """The tile spec asked for, its missing parts from the fitted ``model``'s recorded spec,
+    else from the ``encoder``'s default."""
+    recorded = None if model is None else model.metadata_.get("tile_spec")
+    default = TileSpec(**recorded) if recorded else default_tile_spec(encoder)
+    return TileSpec(default.size if tile_size is None else tile_size,
+                    default.mpp if tile_mpp is None else tile_mpp)
+
+
 def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
     recorded = model.metadata_.get("tile_spec")
     if recorded is not None and TileSpec(**recorded) != spec:
@@ -225,10 +235,7 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
     if model is not None:
         model = STFlow.load(model) if isinstance(model, (str, Path)) else model
         model._check_fitted()
-    recorded = None if model is None else model.metadata_.get("tile_spec")
-    default = TileSpec(**recorded) if recorded else default_tile_spec(encoder)
-    spec = TileSpec(default.size if tile_size is None else tile_size,
-                    default.mpp if tile_mpp is None else tile_mpp)
+    spec = resolve_tile_spec(tile_size, tile_mpp, encoder, model)
     sdata = _as_spatialdata(query, slide_mpp, cache, "query")
     slide = slide_image(sdata, image_key, slide_mpp)
     slide.require_mpp()
@@ -322,4 +329,4 @@ def _write_table(sdata, predicted, centres, names, uns, annotates, key_added, ti
 
 
 __all__ = ["train_expression_model", "predict_expression", "select_genes", "training_target",
-           "LOCATIONS", "TARGETS"]
+           "resolve_tile_spec", "LOCATIONS", "TARGETS"]
