@@ -240,3 +240,19 @@ def test_models_saved_by_the_first_format_still_load(training, tmp_path):
     loaded = STFlow.load(tmp_path / "old.pt")
     features, coords, _ = make_slide(16)
     np.testing.assert_array_equal(loaded.predict(features, coords), model.predict(features, coords))
+
+
+def test_feature_norm_keeps_or_removes_a_slide_wide_shift(training):
+    """'global' (default) keeps a query slide's shift in every feature (tissue make-up
+    is information); 'slide' removes any per-slide affine change of the features."""
+    features, coords, _ = make_slide(11)
+    shifted = features * 1.5 + 2.0
+    by_slide = STFlow(**{**TINY, "epochs": 3}, feature_norm="slide").fit(*training)
+    np.testing.assert_allclose(by_slide.predict(shifted, coords),
+                               by_slide.predict(features, coords), atol=1e-4)
+    assert by_slide.feature_mean_ is None
+    default = STFlow(**{**TINY, "epochs": 3}).fit(*training)
+    assert default.feature_norm == "global"
+    np.testing.assert_allclose(default.feature_mean_, training[0].mean(0), rtol=1e-5, atol=1e-5)
+    moved = np.abs(default.predict(shifted, coords) - default.predict(features, coords))
+    assert moved.mean() > 0.05
