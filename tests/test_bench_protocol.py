@@ -51,7 +51,8 @@ def test_panel_and_baseline_choices_never_read_the_test_section(bench, monkeypat
     try:
         genes = bench.panel(training, "cp10k")
         assert len(genes) == bench.N_GENES and set(genes) <= set(bench.shared_genes())
-        predicted, params = bench.tuned_baseline("ridge", data, training, test, genes, "cp10k")
+        predicted, params = bench.tuned_baseline("ridge", "training", data, training, test,
+                                                   genes, "cp10k")
         assert predicted.shape == (real(test).n_obs, bench.N_GENES) and "alpha" in params
         with pytest.raises(AssertionError, match="expression was read"):  # the guard works
             bench.target(test, genes, "cp10k")
