@@ -15,8 +15,10 @@ What it does, exactly:
   first split); C2-C5 -> B4 (patient B: a patient never seen in training).
 - Features: the pipeline's own - encoder ``--encoder`` (default: the package default,
   "morphology": hand-made features of the central 112 um and the whole 224 um of a 448 px
-  tile at 0.5 um/px) on tiles of the encoder's default spec centred on the spots,
-  computed by the histology pool (``histo.pool.embed_tiles``) and cached.
+  tile at 0.5 um/px, of tiles stain-normalised per slide by Macenko's method, which was
+  adopted on leave-one-section-out over C2-C4 before C5 or B4 were scored with it) on
+  tiles of the encoder's default spec centred on the spots, computed by the histology
+  pool (``histo.pool.embed_tiles``) and cached.
 - Methods, all on the same features and the same target: training mean; ridge; ridge on
   the features and the mean features of the 6 nearest spots; kNN regression. Each
   baseline runs twice, on features standardised per slide and on features standardised

@@ -243,4 +243,10 @@ def test_each_encoder_has_its_tile_spec_and_device():
     assert default_tile_spec(get_encoder()) == TileSpec(448, 0.5)
     assert default_tile_spec("uni") == TileSpec(224, 0.5)
     assert not wants_gpu("morphology") and not wants_gpu(get_encoder())
+    from dflashdeconv.histo.encoders import stain_normalized
+
+    assert stain_normalized("morphology") and stain_normalized(get_encoder())
+    assert not stain_normalized("morphology", {"stain_normalize": False})
+    assert not stain_normalized(get_encoder(stain_normalize=False))
+    assert not stain_normalized("uni") and not stain_normalized("timm:resnet18")
     assert wants_gpu("uni") and wants_gpu("timm:resnet18")

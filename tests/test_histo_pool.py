@@ -7,6 +7,8 @@ here, so it computes on CPU) runs every histology task; the tests check where th
 
 from __future__ import annotations
 
+import copy
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -121,11 +123,18 @@ def test_torch_encoders_run_on_the_gpu_worker_and_cpu_encoders_on_all(gpu_pool, 
     features, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0),
                                          tiles_per_task=4, cache=tmp_path)
     assert {r.worker for r in records} == workers  # numpy work: every worker's cores
-    # the features are those of tiles read in this process, in the caller's order
+    # the features are those of tiles read in this process, re-rendered with the
+    # reference stains from the slide's one estimate, in the caller's order
     from dflashdeconv.histo.encoders import get_encoder
+    from dflashdeconv.histo.stain import normalize_stains, slide_stains
 
-    local = get_encoder().embed(slide.read_tiles(centres, TileSpec(32, 2.0)))
+    tiles = slide.read_tiles(centres, TileSpec(32, 2.0))
+    local = get_encoder().embed(normalize_stains(tiles, slide_stains(slide, TileSpec(32, 2.0))))
     np.testing.assert_allclose(features, local, rtol=1e-5, atol=1e-6)
+    assert np.abs(get_encoder().embed(tiles) - features).max() > 0.01
+    unnormalised, _ = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0),
+                                       options={"stain_normalize": False}, cache=tmp_path)
+    np.testing.assert_allclose(unnormalised, get_encoder().embed(tiles), rtol=1e-5, atol=1e-6)
     # cached: the second call runs no task
     again, records = pool.embed_tiles(gpu_pool, slide, centres, TileSpec(32, 2.0), cache=tmp_path)
     assert records == [] and np.array_equal(again, features)
@@ -242,11 +251,28 @@ def test_bad_input_is_rejected_before_work(trained, gpu_pool, training):
         predict_expression(query, model=model, locations="everywhere", scheduler=gpu_pool)
     with pytest.raises(InputError, match="query tiles must share"):
         predict_expression(query, model=model, tile_size=64, tile_mpp=2.0, scheduler=gpu_pool)
+    assert model.metadata_["stain_normalize"] is True
+    with pytest.raises(InputError, match="trained on normalised stains.*stain_normalize"):
+        predict_expression(query, model=model, encoder_options={"stain_normalize": False},
+                           scheduler=gpu_pool)
     with pytest.raises(InputError, match="no table annotating spot shapes"):
         train_expression_model([query], scheduler=gpu_pool)
     with pytest.raises(InputError, match="not measured on every training slide"):
         train_expression_model([s for s, _ in training], genes=["GENE1", "NOPE"],
                                scheduler=gpu_pool)
+
+
+def test_the_query_is_stain_normalised_as_the_model_was_trained(trained, gpu_pool):
+    """Unless asked, a query's tiles follow the model's record; a model saved before
+    stain normalisation (no record) gets unnormalised tiles, as it was trained on."""
+    model, cache = trained
+    query, _ = make_sdata(3)
+    older = copy.deepcopy(model)
+    del older.metadata_["stain_normalize"]
+    uns = {name: predict_expression(query, model=m, locations="spots", scheduler=gpu_pool,
+                                    cache=cache).uns["stflow"]
+           for name, m in (("current", model), ("older", older))}
+    assert uns["current"]["stain_normalize"] is True and uns["older"]["stain_normalize"] is False
 
 
 def test_command_line_predicts_from_files(gpu_pool, tmp_path):

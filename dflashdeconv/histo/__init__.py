@@ -19,6 +19,7 @@ _EXPORTS = {
     "gpu_workers": "devices", "task_device": "devices",
     "train_expression_model": "predict", "predict_expression": "predict",
     "synthetic_slide": "synthetic",
+    "estimate_stains": "stain", "normalize_stains": "stain", "StainEstimate": "stain",
 }
 
 __all__ = sorted(_EXPORTS)

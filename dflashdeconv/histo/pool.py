@@ -20,8 +20,16 @@ import numpy as np
 
 from ..errors import InputError
 from .devices import gpu_task_options, task_device
-from .encoders import Encoder, encoder_identity, features_key, get_encoder, wants_gpu
+from .encoders import (
+    Encoder,
+    encoder_identity,
+    features_key,
+    get_encoder,
+    stain_normalized,
+    wants_gpu,
+)
 from .image import SlideImage, TileSpec, cache_dir
+from .stain import StainEstimate, normalize_stains, slide_stains
 
 #: Tile pixels read and embedded per task (bounds a task's memory: 77 MB of RGB, 512
 #: tiles of 224 px or 128 of 448 px).
@@ -59,12 +67,16 @@ def _worker_encoder(encoder, weights, options) -> Encoder:
 
 
 def embed_task(slide: SlideImage, centres: np.ndarray, spec: TileSpec, encoder, weights=None,
-               options: dict | None = None) -> tuple[np.ndarray, TaskRecord]:
-    """Read the tiles at ``centres`` from the slide and embed them on this worker's device."""
+               options: dict | None = None, stains: StainEstimate | None = None
+               ) -> tuple[np.ndarray, TaskRecord]:
+    """Read the tiles at ``centres`` from the slide (re-rendered with the reference stains
+    when given the slide's ``stains``) and embed them on this worker's device."""
     record = _record()
     model = _worker_encoder(encoder, weights, options or {})
-    features = model.embed(slide.read_tiles(centres, spec), device=record.device)
-    return features, record
+    tiles = slide.read_tiles(centres, spec)
+    if stains is not None:
+        tiles = normalize_stains(tiles, stains)
+    return model.embed(tiles, device=record.device), record
 
 
 def train_task(model, features, coords, expression, slide_ids, gene_names, metadata):
@@ -117,7 +129,9 @@ def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="mor
     Tasks of ``tiles_per_task`` tiles (default: :data:`PIXELS_PER_TASK` worth) run on the
     GPU workers for a torch encoder, on all workers for a CPU one. Features are cached per
     (slide, tile spec, encoder, centres) under ``cache_dir(cache)/features``; a cached
-    result is returned without any task.
+    result is returned without any task. For an encoder that wants it
+    (:func:`~dflashdeconv.histo.encoders.stain_normalized`) the slide's stains are
+    estimated once, in the caller, from tiles spread over its tissue.
     """
     centres = np.asarray(centres, np.float64).reshape(-1, 2)
     if len(centres) == 0:
@@ -129,6 +143,7 @@ def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="mor
         f"{features_key(identity, slide.fingerprint, spec.to_dict(), centres)}.npy"
     if use_cache and path.exists():
         return np.load(path), []
+    stains = slide_stains(slide, spec, centres) if stain_normalized(encoder, options) else None
     tiles_per_task = tiles_per_task or max(1, PIXELS_PER_TASK // spec.size ** 2)
     order = _spatial_order(centres, slide.field_px(spec))
     # sent once, not with every task (an in-memory image travels inside the slide's
@@ -136,7 +151,7 @@ def embed_tiles(client, slide: SlideImage, centres, spec: TileSpec, encoder="mor
     gpu = wants_gpu(encoder)
     [shared_slide] = client.scatter([slide], hash=False, broadcast=not gpu)
     futures = [submit(client, embed_task, shared_slide, centres[order[start:start + tiles_per_task]],
-                      spec, encoder, weights, options, gpu=gpu)
+                      spec, encoder, weights, options, stains, gpu=gpu)
                for start in range(0, len(order), tiles_per_task)]
     parts = gather(futures, description)
     features = np.empty((len(centres), parts[0][0].shape[1]), np.float32)

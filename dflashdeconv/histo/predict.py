@@ -20,7 +20,7 @@ from ..core.validation import as_count_matrix
 from ..errors import InputError
 from ..tables import layer_matrix
 from . import pool
-from .encoders import default_tile_spec
+from .encoders import default_tile_spec, stain_normalized
 from .image import TileSpec, image_transformations, slide_image
 from .slide import open_slide
 from .spots import PREDICTION_MARKER, spots_table
@@ -169,7 +169,8 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
                     for i, (slide, s) in enumerate(zip(slides, spots))]
         metadata = {"encoder": encoder if isinstance(encoder, str) else encoder.name,
                     "tile_spec": spec.to_dict(), "n_training_slides": len(slides),
-                    "target": target}
+                    "target": target,
+                    "stain_normalize": stain_normalized(encoder, encoder_options)}
         future = pool.submit(client, pool.train_task, model, np.vstack(features), coords,
                              expression, slide_ids, outputs, metadata)
         fitted, _ = pool.gather([future], "training STFlow" if progress else None)[0]
@@ -186,7 +187,18 @@ def resolve_tile_spec(tile_size: int | None, tile_mpp: float | None, encoder,
                     default.mpp if tile_mpp is None else tile_mpp)
 
 
-def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
+def _resolve_encoder_options(encoder, options: dict | None, model: STFlow | None) -> dict:
+    """The encoder options asked for; the morphology encoder's stain normalisation, when
+    not asked for, follows the fitted ``model``'s record (models saved before it record
+    none: their tiles were not normalised)."""
+    options = dict(options or {})
+    if (model is not None and encoder == "morphology" and "stain_normalize" not in options
+            and "encoder" in model.metadata_):
+        options["stain_normalize"] = bool(model.metadata_.get("stain_normalize", False))
+    return options
+
+
+def _check_model_spec(model: STFlow, encoder, spec: TileSpec, options: dict | None) -> None:
     recorded = model.metadata_.get("tile_spec")
     if recorded is not None and TileSpec(**recorded) != spec:
         raise InputError(f"the model was trained on tiles {recorded}, the query would use "
@@ -195,6 +207,13 @@ def _check_model_spec(model: STFlow, encoder, spec: TileSpec) -> None:
     if model.metadata_.get("encoder") not in (None, name):
         raise InputError(f"the model was trained on {model.metadata_['encoder']!r} features, "
                          f"not {name!r}")
+    if "encoder" in model.metadata_:  # trained by the pipeline
+        trained = bool(model.metadata_.get("stain_normalize", False))
+        if trained != stain_normalized(encoder, options):
+            raise InputError(f"the model was trained on {'' if trained else 'un'}normalised "
+                             f"stains, the query tiles would {'not ' if trained else ''}be "
+                             f"stain-normalised; pass encoder_options={{'stain_normalize': "
+                             f"{trained}}}")
 
 
 def predict_expression(query, training=None, *, model: STFlow | str | None = None, genes=50,
@@ -216,7 +235,8 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
     ``tile_mpp`` over the detected tissue (``stride_um``, default the tile's side;
     ``min_tissue``), ``"spots"`` at the query's own spots. The tile spec defaults to the
     fitted model's (recorded at training), else the encoder's (448 px at 0.5 um/px for
-    ``"morphology"``, 224 px at 0.5 um/px for the ViTs).
+    ``"morphology"``, 224 px at 0.5 um/px for the ViTs); so does the morphology encoder's
+    stain normalisation (``encoder_options={"stain_normalize": ...}``, default on).
 
     Returns the AnnData (X = the model's target: log1p counts per 10k, with the count
     scale in ``layers['log1p_counts']`` (from the predicted totals), or log1p counts for
@@ -236,11 +256,12 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         model = STFlow.load(model) if isinstance(model, (str, Path)) else model
         model._check_fitted()
     spec = resolve_tile_spec(tile_size, tile_mpp, encoder, model)
+    encoder_options = _resolve_encoder_options(encoder, encoder_options, model)
     sdata = _as_spatialdata(query, slide_mpp, cache, "query")
     slide = slide_image(sdata, image_key, slide_mpp)
     slide.require_mpp()
     if model is not None:
-        _check_model_spec(model, encoder, spec)
+        _check_model_spec(model, encoder, spec, encoder_options)
     if locations == "spots":
         spots = spots_table(sdata, image_key=image_key)
         centres, region, instance = spots.centres, spots.shapes_key, spots.instance_ids
@@ -282,6 +303,7 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         "genes": genes, "target": target,
         "encoder": encoder if isinstance(encoder, str) else encoder.name,
         "tile_spec": spec.to_dict(), "locations": locations,
+        "stain_normalize": stain_normalized(encoder, encoder_options),
         "slide_mpp": float(slide.mpp), "slide_fingerprint": slide.fingerprint,
         "stflow_params": {k: v for k, v in model.get_params().items() if v is not None},
         "workers": sorted({r.worker for r in records}),
