@@ -165,7 +165,7 @@ def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
 # ---------------------------------------------------------------------------- registry
 
 #: Bumped when an encoder's features change, so that stale cached features are not reused.
-_REVISIONS = {"morphology": 4}
+_REVISIONS = {"morphology": 5}
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {
     "morphology": _morphology_encoder,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from ..errors import InputError
 from ..log import logger
@@ -95,23 +96,35 @@ def estimate_stains(pixels, *, angle_percentile: float = 1.0, seed: int = 0) -> 
     return StainEstimate(vectors, maxima)
 
 
-def normalize_stains(tiles, source: StainEstimate, target: StainEstimate = REFERENCE,
-                     *, batch: int = 16) -> np.ndarray:
+def normalize_stains(tiles, source: StainEstimate, target: StainEstimate = REFERENCE) -> np.ndarray:
     """uint8 RGB ``tiles`` (n, h, w, 3) of a slide with stains ``source`` re-rendered with
     the stains of ``target``: a new array (the input is not modified)."""
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise InputError(f"tiles must be uint8 RGB arrays of shape (n, h, w, 3), got "
                          f"{tiles.shape} {tiles.dtype}")
-    # density -> concentrations (least squares) -> rescaled -> the target's density
+    # density -> concentrations (least squares) -> rescaled -> the target's density: a
+    # linear map, so each output intensity is a product of one factor per input channel
     mapping = (np.linalg.pinv(source.vectors)
                @ np.diag(target.max_concentrations / source.max_concentrations)
-               @ target.vectors).astype(np.float32)
+               @ target.vectors)
+    factors = np.exp(-_OPTICAL_DENSITY.astype(np.float64)[None, :, None] * mapping[:, None, :])
+    factors[0] *= 255.0
     out = np.empty_like(tiles)
-    for start in range(0, len(tiles), batch):
-        density = _OPTICAL_DENSITY[tiles[start:start + batch]] @ mapping
-        out[start:start + batch] = np.clip(np.rint(255.0 * np.exp(-density)), 0, 255)
+    _rerender(np.ascontiguousarray(tiles).reshape(-1, 3), factors.astype(np.float32),
+              out.reshape(-1, 3))
     return out
+
+
+@njit(cache=True, nogil=True)
+def _rerender(pixels, factors, out):
+    """out[i, c] = round(factors[0, r, c] * factors[1, g, c] * factors[2, b, c]) for the
+    uint8 RGB (r, g, b) of pixel i, clipped to [0, 255]."""
+    for i in range(pixels.shape[0]):
+        r, g, b = pixels[i, 0], pixels[i, 1], pixels[i, 2]
+        for c in range(3):
+            value = factors[0, r, c] * factors[1, g, c] * factors[2, b, c]
+            out[i, c] = np.uint8(np.rint(min(max(value, 0.0), 255.0)))
 
 
 def slide_stains(slide: SlideImage, spec: TileSpec, centres=None) -> StainEstimate | None:
