@@ -164,7 +164,8 @@ def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
 
 # ---------------------------------------------------------------------------- registry
 
-#: Bumped when an encoder's features change, so that stale cached features are not reused.
+#: Bumped when an encoder's features change (for the morphology encoder: also a change to
+#: :mod:`.stain`), so that stale cached features are not reused.
 _REVISIONS = {"morphology": 5}
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {
@@ -260,6 +261,6 @@ def features_key(identity: str, slide_fingerprint: str, spec_dict: dict, centres
 
 
 __all__ = ["Encoder", "MorphologyFeatures", "get_encoder", "register_encoder",
-           "default_tile_spec", "wants_gpu", "stain_normalized", "available_encoders", "vit_encoder",
-           "features_key", "encoder_identity"]
+           "default_tile_spec", "wants_gpu", "stain_normalized", "available_encoders",
+           "vit_encoder", "features_key", "encoder_identity"]
 
