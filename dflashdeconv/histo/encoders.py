@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from .image import TileSpec, file_fingerprint
+from .image import TileSpec, check_tiles, file_fingerprint
 from .morphology import MorphologyFeatures
 
 
@@ -51,10 +51,7 @@ class Encoder:
 
     def embed(self, tiles: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
         """Features of ``tiles`` as float32 (n, n_features), computed on ``device``."""
-        tiles = np.asarray(tiles)
-        if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
-            raise InputError(f"tiles must be uint8 RGB arrays of shape (n, h, w, 3), got "
-                             f"{tiles.shape} {tiles.dtype}")
+        tiles = check_tiles(tiles)
         out = np.empty((tiles.shape[0], self.n_features), np.float32)
         if not self.uses_torch:
             for start in range(0, tiles.shape[0], batch_size):

@@ -43,6 +43,15 @@ def cache_dir(path=None) -> Path:
     return Path(path)
 
 
+def check_tiles(tiles) -> np.ndarray:
+    """``tiles`` as an array, checked to be uint8 RGB tiles of shape (n, h, w, 3)."""
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+        raise InputError(f"tiles must be uint8 RGB arrays of shape (n, h, w, 3), got "
+                         f"{tiles.shape} {tiles.dtype}")
+    return tiles
+
+
 def file_fingerprint(path) -> str:
     """Identity of a file for caches: resolved path, size and modification time."""
     path = Path(path).resolve()

@@ -187,14 +187,21 @@ def resolve_tile_spec(tile_size: int | None, tile_mpp: float | None, encoder,
                     default.mpp if tile_mpp is None else tile_mpp)
 
 
+def _trained_stain_normalize(model: STFlow) -> bool | None:
+    """Whether the pipeline stain-normalised the model's training tiles (models saved
+    before it recorded this were not normalised); None for a model fitted outside it."""
+    if "encoder" not in model.metadata_:
+        return None
+    return bool(model.metadata_.get("stain_normalize", False))
+
+
 def _resolve_encoder_options(encoder, options: dict | None, model: STFlow | None) -> dict:
     """The encoder options asked for; the morphology encoder's stain normalisation, when
-    not asked for, follows the fitted ``model``'s record (models saved before it record
-    none: their tiles were not normalised)."""
+    not asked for, follows the fitted ``model``'s record."""
     options = dict(options or {})
-    if (model is not None and encoder == "morphology" and "stain_normalize" not in options
-            and "encoder" in model.metadata_):
-        options["stain_normalize"] = bool(model.metadata_.get("stain_normalize", False))
+    trained = None if model is None else _trained_stain_normalize(model)
+    if encoder == "morphology" and "stain_normalize" not in options and trained is not None:
+        options["stain_normalize"] = trained
     return options
 
 
@@ -207,13 +214,12 @@ def _check_model_spec(model: STFlow, encoder, spec: TileSpec, options: dict | No
     if model.metadata_.get("encoder") not in (None, name):
         raise InputError(f"the model was trained on {model.metadata_['encoder']!r} features, "
                          f"not {name!r}")
-    if "encoder" in model.metadata_:  # trained by the pipeline
-        trained = bool(model.metadata_.get("stain_normalize", False))
-        if trained != stain_normalized(encoder, options):
-            raise InputError(f"the model was trained on {'' if trained else 'un'}normalised "
-                             f"stains, the query tiles would {'not ' if trained else ''}be "
-                             f"stain-normalised; pass encoder_options={{'stain_normalize': "
-                             f"{trained}}}")
+    trained = _trained_stain_normalize(model)
+    if trained is not None and trained != stain_normalized(encoder, options):
+        raise InputError(f"the model was trained on {'' if trained else 'un'}normalised "
+                         f"stains, the query tiles would {'not ' if trained else ''}be "
+                         f"stain-normalised; pass encoder_options={{'stain_normalize': "
+                         f"{trained}}}")
 
 
 def predict_expression(query, training=None, *, model: STFlow | str | None = None, genes=50,

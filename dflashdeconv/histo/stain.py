@@ -23,7 +23,7 @@ from numba import njit
 
 from ..errors import InputError
 from ..log import logger
-from .image import SlideImage, TileSpec
+from .image import SlideImage, TileSpec, check_tiles
 
 #: Optical density of each uint8 intensity (0 read as 1: no infinite densities).
 _OPTICAL_DENSITY = -np.log(np.maximum(np.arange(256), 1) / 255.0).astype(np.float32)
@@ -99,10 +99,7 @@ def estimate_stains(pixels, *, angle_percentile: float = 1.0, seed: int = 0) -> 
 def normalize_stains(tiles, source: StainEstimate, target: StainEstimate = REFERENCE) -> np.ndarray:
     """uint8 RGB ``tiles`` (n, h, w, 3) of a slide with stains ``source`` re-rendered with
     the stains of ``target``: a new array (the input is not modified)."""
-    tiles = np.asarray(tiles)
-    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
-        raise InputError(f"tiles must be uint8 RGB arrays of shape (n, h, w, 3), got "
-                         f"{tiles.shape} {tiles.dtype}")
+    tiles = check_tiles(tiles)
     # density -> concentrations (least squares) -> rescaled -> the target's density: a
     # linear map, so each output intensity is a product of one factor per input channel
     mapping = (np.linalg.pinv(source.vectors)
