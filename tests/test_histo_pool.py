@@ -149,6 +149,30 @@ def test_without_gpu_workers_the_same_tasks_run_on_cpu_workers(training, tmp_pat
     assert [r.device for r in records] == ["cpu"] and records[0].worker.startswith("tcp://")
 
 
+def test_an_ensembles_networks_train_and_sample_as_parallel_tasks(training):
+    """Each network is its own task (several workers work at once); joined, the networks
+    give exactly what one process fitting and sampling the whole ensemble gives."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 12)).astype(np.float32)
+    coords = rng.uniform(0, 1000, (120, 2))
+    expression = np.log1p(rng.poisson(np.exp(features[:, :5] * 0.5))).astype(np.float32)
+    ids = np.repeat([0, 1], 60)
+    model = STFlow(**{**TINY, "epochs": 3})
+    whole = STFlow(**{**TINY, "epochs": 3}).fit(features, coords, expression, ids)
+    with connect(n_workers=2, gpus=0, quiet=True) as client:
+        client.wait_for_workers(2)
+        futures = [pool.submit(client, pool.train_task, member, features, coords, expression,
+                               ids, None, {}) for member in model.members()]
+        fitted = pool.gather(futures)
+        joined = STFlow.from_members([member for member, _ in fitted])
+        futures = [pool.submit(client, pool.sample_task, member, features, coords, ids)
+                   for member in joined.fitted_members()]
+        sampled = pool.gather(futures)
+    assert len({record.worker for _, record in fitted + sampled}) == 2
+    np.testing.assert_allclose(joined.to_expression(np.mean([s for s, _ in sampled], axis=0)),
+                               whole.predict(features, coords, ids), atol=1e-5)
+
+
 def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):
     model, cache = trained
     query, _ = make_sdata(3, with_spots=False)

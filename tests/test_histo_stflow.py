@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.base
 import torch
 from conftest import digest
 
 from dflashdeconv.errors import InputError, NotFittedError
-from dflashdeconv.histo.stflow import STFlow, _batch, neighbors, sample_prior
+from dflashdeconv.histo import stflow
+from dflashdeconv.histo.stflow import STFlow, _batch, _graph, neighbors, sample_prior
 
 TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=25, chunks_per_slide=4,
             batch_size=4, learning_rate=3e-3, dropout=0.1, n_models=1, n_samples=8,
@@ -79,6 +81,65 @@ def test_padding_does_not_change_results(fitted):
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
+def test_precomputed_graphs_give_the_same_batch():
+    """Training reuses each whole slide's graph; the batch must be the one computed afresh."""
+    items = [(f, c / 100, e) for f, c, e in (make_slide(9, n_spots=20), make_slide(10, n_spots=45))]
+    fresh = _batch(items, 6, "cpu")
+    cached = _batch(items, 6, "cpu", [_graph(items[0][1], 6, "cpu"), None])
+    assert fresh.keys() == cached.keys()
+    for name in fresh:
+        torch.testing.assert_close(cached[name], fresh[name], rtol=0, atol=0)
+    assert fresh["geometry"][0, 20:].abs().max() == 0  # padded spots have no edges
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "zinb"])
+def test_draws_sampled_together_equal_draws_one_at_a_time(training, fitted, monkeypatch, prior):
+    model = fitted if prior == "gaussian" else STFlow(
+        **{**TINY, "epochs": 2}, prior="zinb", standardize=False).fit(*training)
+    features, coords, _ = make_slide(15)
+    together = model.predict(features, coords)
+    monkeypatch.setattr(stflow, "SAMPLE_ELEMENTS", {"cpu": 1})  # one draw per pass
+    one_at_a_time = model.predict(features, coords)
+    np.testing.assert_allclose(together, one_at_a_time, atol=1e-5)
+    assert np.ptp(together, axis=0).min() > 1e-3  # every gene varies over the spots
+
+
+def test_members_fitted_apart_equal_the_ensemble_fitted_whole(training):
+    model = STFlow(**{**TINY, "epochs": 3, "n_models": 3}, random_state=7)
+    whole = sklearn.base.clone(model).fit(*training)
+    members = [member.fit(*training) for member in model.members()]
+    assert [m.random_state for m in members] == [7, 8, 9]
+    joined = STFlow.from_members(members)
+    assert joined.get_params() == model.get_params()
+    features, coords, _ = make_slide(16)
+    np.testing.assert_array_equal(joined.predict(features, coords), whole.predict(features, coords))
+    np.testing.assert_allclose(joined.loss_curve_, whole.loss_curve_, rtol=1e-6)
+    with pytest.raises(InputError, match="members differ"):
+        STFlow.from_members([members[0], members[2]])  # a network missing
+    other = STFlow(**{**TINY, "epochs": 3, "n_models": 1}, random_state=8).fit(
+        training[0] + 1, *training[1:])
+    with pytest.raises(InputError, match="members differ"):
+        STFlow.from_members([members[0], other])  # fitted on other data
+    with pytest.raises(NotFittedError):
+        STFlow.from_members(model.members())
+
+
+def test_fitted_members_sample_to_the_ensembles_prediction(training):
+    model = STFlow(**{**TINY, "epochs": 2, "n_models": 3}, random_state=4).fit(*training)
+    features, coords, _ = make_slide(17)
+    members = model.fitted_members()
+    assert [m.random_state for m in members] == [4, 5, 6]
+    sampled = np.mean([member.sample(features, coords) for member in members], axis=0)
+    np.testing.assert_allclose(sampled, model.sample(features, coords), atol=1e-6)
+    np.testing.assert_allclose(model.to_expression(sampled), model.predict(features, coords),
+                               atol=1e-5)
+    assert (model.predict(features, coords) >= 0).all() and (sampled < 0).any()  # clipped after
+    np.testing.assert_array_equal(STFlow.from_members(members).predict(features, coords),
+                                  model.predict(features, coords))
+    with pytest.raises(InputError, match=r"sampled values must be \(spots, 10\)"):
+        model.to_expression(sampled[:, :3])
+
+
 def test_any_panel_size_works():
     features, coords, expression = make_slide(11, n_genes=37)
     model = STFlow(**{**TINY, "epochs": 2}).fit(features, coords, expression,
@@ -94,6 +155,19 @@ def test_deterministic_under_a_seed(training):
             for seed in (5, 5, 6)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert np.abs(runs[0] - runs[2]).max() > 1e-3
+
+
+def test_fits_in_concurrent_threads_equal_fits_one_after_another(training):
+    """Workers run tasks in threads; dropout draws from torch's global generator."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    features, coords, _ = make_slide(18)
+    models = [STFlow(**{**TINY, "epochs": 4}, random_state=seed) for seed in (1, 2, 3, 4)]
+    alone = [sklearn.base.clone(m).fit(*training).predict(features, coords) for m in models]
+    with ThreadPoolExecutor(4) as threads:
+        together = list(threads.map(lambda m: m.fit(*training).predict(features, coords), models))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_inputs_are_not_modified(training):

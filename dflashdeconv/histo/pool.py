@@ -90,12 +90,13 @@ def train_task(model, features, coords, expression, slide_ids, gene_names, metad
     return model, record
 
 
-def predict_task(model, features, coords, slide_ids=None):
-    """Sample expression with a fitted STFlow on this worker's device."""
+def sample_task(model, features, coords, slide_ids=None):
+    """:meth:`STFlow.sample <dflashdeconv.histo.stflow.STFlow.sample>` on this worker's
+    device (a fitted member of an ensemble: see ``fitted_members``)."""
     record = _record()
-    model.model_.to(record.device)  # predict runs where the network's weights are
+    model.model_.to(record.device)  # sampling runs where the network's weights are
     try:
-        return model.predict(features, coords, slide_ids), record
+        return model.sample(features, coords, slide_ids), record
     finally:
         model.model_.to("cpu")
 
@@ -169,5 +170,5 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(scratch, path)
 
 
-__all__ = ["embed_task", "train_task", "predict_task", "submit", "gather", "embed_tiles",
+__all__ = ["embed_task", "train_task", "sample_task", "submit", "gather", "embed_tiles",
            "TaskRecord", "PIXELS_PER_TASK"]

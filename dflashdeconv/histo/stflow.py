@@ -14,6 +14,7 @@ flips, so predictions do not change when the slide is rotated, reflected or tran
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from numbers import Integral, Real
@@ -35,6 +36,11 @@ FORMAT = "dflashdeconv.stflow/2"
 FORMAT_V1 = "dflashdeconv.stflow/1"
 PRIORS = ("zinb", "gaussian", "zero")
 FEATURE_NORMS = ("global", "slide")
+#: Largest attention activation (draws x spots x neighbours x hidden) of one sampling
+#: pass, by device type: prior draws of a slide are integrated together up to this size.
+#: On a CPU past ~16 MB per activation the passes slow down (cache misses; 3,839 spots:
+#: 2 draws per pass 14 s, 1 draw 18 s, 8 draws 27 s); a GPU gains from large passes.
+SAMPLE_ELEMENTS = {"cpu": 2 ** 22, "cuda": 2 ** 26}
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -135,12 +141,15 @@ class SpatialAttention(nn.Module):
                                     nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim))
 
     def forward(self, h, x, index, valid, edges):
-        b, n, k = index.shape
+        # h and x carry the batch; the graph (index, valid, edges) may have batch 1 and
+        # then is shared by every item (draws of one slide at inference)
+        b, n = h.shape[:2]
+        k = index.shape[-1]
         heads, d = self.n_heads, self.head_dim
         q = self.query(h).view(b, n, heads, d)
         key = self.key(h).view(b, n, heads, d)
         value = self.value(h).view(b, n, heads, d)
-        edge = self.edge(edges).view(b, n, k, heads, d)
+        edge = self.edge(edges).view(-1, n, k, heads, d)
         q_term = torch.einsum("bnhd,hde->bnhe", q, self.score_q)
         k_term = torch.einsum("bnhd,hde->bnhe", key, self.score_k)
         x_term = torch.einsum("bng,hge->bnhe", x, self.score_x)  # linear: neighbour - own
@@ -199,7 +208,9 @@ class STFlowNet(nn.Module):
 
     def forward(self, features, x_t, t, index, valid, geometry):
         """features (B, N, F), x_t (B, N, G), t (B,), index/valid (B, N, k),
-        geometry (B, N, k, 4, 3) from :func:`edge_geometry` -> x1 estimate (B, N, G)."""
+        geometry (B, N, k, 4, 3) from :func:`edge_geometry` -> x1 estimate (B, N, G).
+        features, t and the graph (index, valid, geometry) may instead have batch 1: one
+        slide shared by B draws of x_t."""
         edges = self.edge_out(self.edge_in(geometry).mean(3))  # averaged over the sign frames
         h = (self.feature_proj(features) + self.expression_proj(x_t)
              + self.time_mlp(time_embedding(t, self.hidden_dim)).unsqueeze(1))
@@ -253,31 +264,39 @@ class _Slide:
         return arrays if rows is None else tuple(None if a is None else a[rows] for a in arrays)
 
 
-def _batch(items, k: int, device) -> dict[str, torch.Tensor]:
+def _graph(coords: np.ndarray, k: int, device) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """One item's neighbours ``(index, valid)`` (n, k) and edge geometry (n, k, 4, 3) on
+    ``device``: fixed for a whole slide, so training computes it once per fit."""
+    index, valid = neighbors(coords, k)
+    geometry = edge_geometry(*(torch.from_numpy(a[None]).to(device) for a in (coords, index, valid)))
+    return index, valid, geometry[0]
+
+
+def _batch(items, k: int, device, graphs=None) -> dict[str, torch.Tensor]:
     """Pad items (features, coords, expression or None) into one batch with per-item
-    neighbours."""
+    neighbours (``graphs[i]`` from :func:`_graph` when known, else computed)."""
     size = max(item[0].shape[0] for item in items)
     n_features = items[0][0].shape[1]
     b = len(items)
     features = np.zeros((b, size, n_features), np.float32)
-    coords = np.zeros((b, size, 2), np.float32)
     index = np.zeros((b, size, k), np.int64)
     valid = np.zeros((b, size, k), bool)
     mask = np.zeros((b, size), bool)
+    geometry = torch.zeros((b, size, k, 4, 3), device=device)  # padded spots: no edges
     expression = None
     if items[0][2] is not None:
         expression = np.zeros((b, size, items[0][2].shape[1]), np.float32)
     for i, (f, c, e) in enumerate(items):
         n = f.shape[0]
-        features[i, :n], coords[i, :n], mask[i, :n] = f, c, True
-        index[i, :n], valid[i, :n] = neighbors(c, k)
+        graph = graphs[i] if graphs is not None and graphs[i] is not None else _graph(c, k, device)
+        features[i, :n], mask[i, :n] = f, True
+        index[i, :n], valid[i, :n], geometry[i, :n] = graph
         index[i, n:] = np.arange(n, size)[:, None]
         if expression is not None:
             expression[i, :n] = e
     batch = {name: torch.from_numpy(value).to(device) for name, value in
-             (("features", features), ("coords", coords), ("index", index), ("valid", valid),
-              ("mask", mask))}
-    batch["geometry"] = edge_geometry(batch["coords"], batch["index"], batch["valid"])
+             (("features", features), ("index", index), ("valid", valid), ("mask", mask))}
+    batch["geometry"] = geometry
     if expression is not None:
         batch["expression"] = torch.from_numpy(expression).to(device)
     return batch
@@ -304,6 +323,17 @@ def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None
 
 
 # ---------------------------------------------------------------------------- estimator
+
+#: What fitting sets besides the networks and the loss curve (shared by an ensemble's
+#: members, see :meth:`STFlow.members`).
+_FITTED = ("n_features_in_", "n_genes_", "gene_names_", "metadata_", "feature_mean_",
+           "feature_scale_", "target_mean_", "target_scale_")
+
+#: Held while fitting or sampling: both set process-wide torch state (the global seed that
+#: dropout draws from, the denormal mode), so tasks sharing a worker process take turns
+#: (their results then do not depend on how many threads a worker has).
+_TORCH_GLOBALS = threading.RLock()
+
 
 class _FlushDenormals:
     """Flush subnormal floats to zero while training or sampling: the softmax over
@@ -510,34 +540,96 @@ class STFlow(BaseEstimator):
         self.gene_names_ = None if gene_names is None else [str(g) for g in gene_names]
         self.metadata_ = dict(metadata or {})
         nets, curves = [], []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+        graphs = [_graph(slide.coords, self.n_neighbors, device) if self._whole(slide) else None
+                  for slide in slides]
+        with _TORCH_GLOBALS, \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                 _FlushDenormals(), verbose_logging(self.verbose):
             for member in range(self.n_models):
                 seed = self.random_state + member
                 torch.manual_seed(seed)
                 net = self._net().to(device)
-                curves.append(self._train(net, slides, device, seed, member))
+                curves.append(self._train(net, slides, graphs, device, seed, member))
                 nets.append(net.eval())
         self.model_ = nn.ModuleList(nets)
         self.loss_curve_ = np.mean(curves, axis=0).tolist() if self.epochs else []
         return self
 
-    def _items(self, slides: list[_Slide], rng: np.random.Generator) -> list[tuple]:
+    def members(self) -> list["STFlow"]:
+        """Unfitted one-network copies of this estimator, one per network of the ensemble
+        (``random_state + m``): fitted apart, e.g. on several workers, and joined by
+        :meth:`from_members`, they equal this estimator fitted whole."""
+        return [self.__class__(**{**self.get_params(), "n_models": 1,
+                                  "random_state": self.random_state + m})
+                for m in range(self.n_models)]
+
+    def fitted_members(self) -> list["STFlow"]:
+        """One fitted one-network STFlow per network (``random_state + m``, sharing this
+        one's standardisation and loss curve): their :meth:`sample` outputs average to
+        this ensemble's, so they can sample on several workers."""
+        self._check_fitted()
+        members = []
+        for m, net in enumerate(self.model_):
+            member = self.__class__(**{**self.get_params(), "n_models": 1,
+                                       "random_state": self.random_state + m})
+            for name in _FITTED + ("loss_curve_",):
+                setattr(member, name, getattr(self, name))
+            member.model_ = nn.ModuleList([net])
+            members.append(member)
+        return members
+
+    @classmethod
+    def from_members(cls, members: list["STFlow"]) -> "STFlow":
+        """One ensemble from fitted :meth:`members` of one estimator, fitted on the same data
+        (same standardisation, genes and metadata)."""
+        if not members:
+            raise InputError("no fitted members to join")
+        for member in members:
+            member._check_fitted()
+        first = members[0]
+        params = {**first.get_params(), "n_models": sum(m.n_models for m in members)}
+        fitted = _FITTED
+        offset = 0
+        for member in members:
+            expected = {**params, "random_state": first.random_state + offset}
+            offset += member.n_models
+            same = all(np.array_equal(getattr(first, a), getattr(member, a)) if
+                       isinstance(getattr(first, a), np.ndarray) else
+                       getattr(first, a) == getattr(member, a) for a in fitted)
+            if {**member.get_params(), "n_models": params["n_models"]} != expected or not same:
+                raise InputError("members differ in parameters or in what they were fitted "
+                                 "on: join only the members() of one estimator, fitted on "
+                                 "the same data")
+        model = cls(**params)
+        for name in fitted:
+            setattr(model, name, getattr(first, name))
+        model.model_ = nn.ModuleList(net for member in members for net in member.model_)
+        model.loss_curve_ = (np.average([m.loss_curve_ for m in members], axis=0,
+                                        weights=[m.n_models for m in members]).tolist()
+                             if first.loss_curve_ else [])
+        return model
+
+    def _whole(self, slide: _Slide) -> bool:
+        return slide.features.shape[0] <= self.whole_slide_max_spots
+
+    def _items(self, slides: list[_Slide], graphs: list, rng: np.random.Generator) -> list[tuple]:
+        """This epoch's training items in random order, each ``(item, graph)``: whole
+        slides with their precomputed graph, chunks of larger ones with None."""
         items = []
-        for slide in slides:
+        for slide, graph in zip(slides, graphs):
             n = slide.features.shape[0]
-            if n <= self.whole_slide_max_spots:
-                items.append(slide.item())
+            if self._whole(slide):
+                items.append((slide.item(), graph))
                 continue
             for _ in range(self.chunks_per_slide):
                 centre = int(rng.integers(n))
                 size = min(n, max(2, int(math.ceil(rng.uniform() * n))))
                 _, rows = slide.tree.query(slide.coords[centre], k=size)
-                items.append(slide.item(np.sort(np.atleast_1d(rows))))
+                items.append((slide.item(np.sort(np.atleast_1d(rows))), None))
         order = rng.permutation(len(items))
         return [items[i] for i in order]
 
-    def _train(self, net: STFlowNet, slides, device, seed: int, member: int) -> list[float]:
+    def _train(self, net: STFlowNet, slides, graphs, device, seed: int, member: int) -> list[float]:
         rng = np.random.default_rng(seed)
         generator = torch.Generator(device=device).manual_seed(seed)
         optimiser = torch.optim.AdamW(net.parameters(), lr=self.learning_rate,
@@ -546,10 +638,12 @@ class STFlow(BaseEstimator):
         curve = []
         net.train()
         for epoch in range(self.epochs):
-            items = self._items(slides, rng)
+            items = self._items(slides, graphs, rng)
             total, weight = 0.0, 0
             for start in range(0, len(items), self.batch_size):
-                batch = _batch(items[start:start + self.batch_size], self.n_neighbors, device)
+                chosen = items[start:start + self.batch_size]
+                batch = _batch([item for item, _ in chosen], self.n_neighbors, device,
+                               [graph for _, graph in chosen])
                 x1 = batch["expression"]
                 t = torch.rand(x1.shape[0], generator=generator, device=device)
                 x0 = sample_prior(self.prior, x1.shape, generator, device)
@@ -577,6 +671,13 @@ class STFlow(BaseEstimator):
 
     def predict(self, features, coords, slide_ids=None) -> np.ndarray:
         """Expression (N, G) of every spot or tile, each slide sampled whole."""
+        return self.to_expression(self.sample(features, coords, slide_ids))
+
+    def sample(self, features, coords, slide_ids=None) -> np.ndarray:
+        """The networks' estimates averaged over their prior draws (N, G), in the space the
+        model learns (genes standardised, with ``standardize``); :meth:`predict` is
+        :meth:`to_expression` of it. An ensemble's is the mean of its
+        :meth:`fitted_members`' (which can run on several workers)."""
         self._check_fitted()
         self._check_params()
         features = _check_array("features", features, None, self.n_features_in_)
@@ -585,24 +686,39 @@ class STFlow(BaseEstimator):
         out = np.empty((features.shape[0], self.n_genes_), np.float32)
         device = next(self.model_.parameters()).device
         self.model_.eval()
-        with _FlushDenormals():
+        with _TORCH_GLOBALS, _FlushDenormals():
             for slide, key in zip(slides, dict.fromkeys(ids.tolist())):
                 batch = _batch([slide.item()], self.n_neighbors, device)
-                draws = []
+                budget = SAMPLE_ELEMENTS.get(device.type, SAMPLE_ELEMENTS["cpu"])
+                per_pass = max(1, budget // (batch["index"].numel() * self.hidden_dim))
+                total = torch.zeros(batch["features"].shape[1], self.n_genes_, device=device)
                 for member, net in enumerate(self.model_):
                     generator = torch.Generator(device=device).manual_seed(
                         self.random_state + member + 1_000_003)
-                    draws += [self._sample(net, batch, generator, device)
-                              for _ in range(self.n_samples)]
-                out[ids == key] = torch.stack(draws).mean(0)[0].cpu().numpy()
+                    for start in range(0, self.n_samples, per_pass):
+                        draws = min(per_pass, self.n_samples - start)
+                        total += self._sample(net, batch, generator, device, draws).sum(0)
+                out[ids == key] = (total / (len(self.model_) * self.n_samples)).cpu().numpy()
+        return out
+
+    def to_expression(self, sampled: np.ndarray) -> np.ndarray:
+        """Expression from :meth:`sample`'s output: genes mapped back from their training
+        standardisation, clipped at zero with ``non_negative``."""
+        self._check_fitted()
+        out = np.asarray(sampled, np.float32)
+        if out.ndim != 2 or out.shape[1] != self.n_genes_:
+            raise InputError(f"sampled values must be (spots, {self.n_genes_}), got {out.shape}")
         if self.standardize:
             out = out * self.target_scale_ + self.target_mean_
         return np.maximum(out, 0.0) if self.non_negative else out
 
     @torch.inference_mode()
-    def _sample(self, net, batch, generator, device) -> torch.Tensor:
+    def _sample(self, net, batch, generator, device, draws: int) -> torch.Tensor:
+        """``draws`` independent Euler integrations of one slide's flow, run as one batch
+        over the slide's shared graph -> (draws, N, G)."""
         shape = (1, batch["features"].shape[1], self.n_genes_)
-        x = sample_prior(self.prior, shape, generator, device)
+        # drawn one at a time: the same priors however many draws share a pass
+        x = torch.cat([sample_prior(self.prior, shape, generator, device) for _ in range(draws)])
         grid = torch.linspace(0.01, 1.0, self.n_sample_steps, device=device)
         estimate = x
         for t, t_next in zip(grid[:-1], grid[1:]):
