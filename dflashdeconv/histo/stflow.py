@@ -382,7 +382,9 @@ class STFlow(BaseEstimator):
         integration).
     n_models : int, default 3
         Networks trained from seeds ``random_state``, ``random_state + 1``, ...; their
-        predictions are averaged.
+        predictions are averaged. Each can be fitted and sampled apart (:meth:`members`,
+        :meth:`from_members`, :meth:`fitted_members`, :meth:`sample`): the histology pool
+        runs one task per network.
     epochs, learning_rate, weight_decay, batch_size : int, float, float, int
         Training schedule (AdamW, gradient norm clipped at 1, cosine learning-rate decay
         over the epochs), default 200, 1e-3, 1e-4, 4.
