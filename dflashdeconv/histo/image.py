@@ -171,7 +171,6 @@ def _resample(crop, box, half, h, w, size) -> np.ndarray:
     return np.asarray(resized)
 
 
-
 def _set_slide_attrs(sdata, image_key: str, mpp: float | None, fingerprint: str | None) -> None:
     images = sdata.attrs.setdefault(ATTRS_KEY, {}).setdefault("images", {})
     record = dict(images.get(image_key, {}))

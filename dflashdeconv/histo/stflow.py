@@ -329,6 +329,13 @@ def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None
 _FITTED = ("n_features_in_", "n_genes_", "gene_names_", "metadata_", "feature_mean_",
            "feature_scale_", "target_mean_", "target_scale_")
 
+def _equal(a, b) -> bool:
+    """Equality of fitted attributes (arrays by value)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b
+
+
 #: Held while fitting or sampling: both set process-wide torch state (the global seed that
 #: dropout draws from, the denormal mode), so tasks sharing a worker process take turns
 #: (their results then do not depend on how many threads a worker has).
@@ -590,20 +597,18 @@ class STFlow(BaseEstimator):
             member._check_fitted()
         first = members[0]
         params = {**first.get_params(), "n_models": sum(m.n_models for m in members)}
-        fitted = _FITTED
         offset = 0
         for member in members:
             expected = {**params, "random_state": first.random_state + offset}
             offset += member.n_models
-            same = all(np.array_equal(getattr(first, a), getattr(member, a)) if
-                       isinstance(getattr(first, a), np.ndarray) else
-                       getattr(first, a) == getattr(member, a) for a in fitted)
-            if {**member.get_params(), "n_models": params["n_models"]} != expected or not same:
+            same_fit = all(_equal(getattr(first, name), getattr(member, name))
+                           for name in _FITTED)
+            if {**member.get_params(), "n_models": params["n_models"]} != expected or not same_fit:
                 raise InputError("members differ in parameters or in what they were fitted "
                                  "on: join only the members() of one estimator, fitted on "
                                  "the same data")
         model = cls(**params)
-        for name in fitted:
+        for name in _FITTED:
             setattr(model, name, getattr(first, name))
         model.model_ = nn.ModuleList(net for member in members for net in member.model_)
         model.loss_curve_ = (np.average([m.loss_curve_ for m in members], axis=0,
