@@ -577,14 +577,11 @@ class STFlow(BaseEstimator):
         one's standardisation and loss curve): their :meth:`sample` outputs average to
         this ensemble's, so they can sample on several workers."""
         self._check_fitted()
-        members = []
-        for m, net in enumerate(self.model_):
-            member = self.__class__(**{**self.get_params(), "n_models": 1,
-                                       "random_state": self.random_state + m})
+        members = self.members()
+        for member, net in zip(members, self.model_):
             for name in _FITTED + ("loss_curve_",):
                 setattr(member, name, getattr(self, name))
             member.model_ = nn.ModuleList([net])
-            members.append(member)
         return members
 
     @classmethod
