@@ -290,8 +290,9 @@ def timing(client, cache, epochs):
     uns = result.uns["stflow"]
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in uns["timings"].items())
     print(f"\ntiming: {result.n_obs} spots x {result.n_vars} genes, {epochs} epochs on "
-          f"{uns['devices']}: {total:.1f} s ({steps}; training includes embedding the "
-          f"training spots); one-off PNG -> zarr conversion {converted:.1f} s")
+          f"{uns['devices']} (training on {uns['training_devices']}): {total:.1f} s ({steps}; "
+          f"training includes embedding the training spots); one-off PNG -> zarr conversion "
+          f"{converted:.1f} s")
 
 
 def main():

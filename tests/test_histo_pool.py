@@ -184,6 +184,8 @@ def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):
     uns = result.uns["stflow"]
     # sampling ran on the GPU worker; morphology tiles may have gone to either worker
     assert set(gpu_workers(gpu_pool)) <= set(uns["workers"]) and uns["devices"] == ["cpu"]
+    # where the model trained travels with it (the faked GPU worker has no CUDA)
+    assert model.metadata_["training_devices"] == uns["training_devices"] == ["cpu"]
     assert uns["tile_spec"] == {"size": 32, "mpp": 2.0} and uns["encoder"] == "morphology"
     assert query.tables["stflow"] is result and len(query.shapes["stflow_tiles"]) == len(grid)
     assert np.isfinite(result.X).all() and (result.X >= 0).all()

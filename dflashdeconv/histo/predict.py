@@ -178,9 +178,11 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
                               hash=False, broadcast=False)
         futures = [pool.submit(client, pool.train_task, member, *data, outputs, metadata)
                    for member in model.members()]
-        members = [member for member, _ in
-                   pool.gather(futures, "training STFlow" if progress else None)]
-    return STFlow.from_members(members)
+        trained = pool.gather(futures, "training STFlow" if progress else None)
+    model = STFlow.from_members([member for member, _ in trained])
+    model.metadata_ = {**model.metadata_,
+                       "training_devices": sorted({record.device for _, record in trained})}
+    return model
 
 
 def resolve_tile_spec(tile_size: int | None, tile_mpp: float | None, encoder,
@@ -324,6 +326,7 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
         "stflow_params": {k: v for k, v in model.get_params().items() if v is not None},
         "workers": sorted({r.worker for r in records}),
         "devices": sorted({r.device for r in records}),
+        "training_devices": list(model.metadata_.get("training_devices", [])),
         "timings": {k: float(v) for k, v in timings.items()},
     }
     return _write_table(sdata, predicted, centres, names, uns, (region, instance), key_added,
