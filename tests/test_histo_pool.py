@@ -161,16 +161,13 @@ def test_an_ensembles_networks_train_and_sample_as_parallel_tasks(training):
     whole = STFlow(**{**TINY, "epochs": 3}).fit(features, coords, expression, ids)
     with connect(n_workers=2, gpus=0, quiet=True) as client:
         client.wait_for_workers(2)
-        futures = [pool.submit(client, pool.train_task, member, features, coords, expression,
-                               ids, None, {}) for member in model.members()]
-        fitted = pool.gather(futures)
-        joined = STFlow.from_members([member for member, _ in fitted])
-        futures = [pool.submit(client, pool.sample_task, member, features, coords, ids)
-                   for member in joined.fitted_members()]
-        sampled = pool.gather(futures)
-    assert len({record.worker for _, record in fitted + sampled}) == 2
-    np.testing.assert_allclose(joined.to_expression(np.mean([s for s, _ in sampled], axis=0)),
-                               whole.predict(features, coords, ids), atol=1e-5)
+        joined, trained = pool.train_ensemble(client, model, features, coords, expression,
+                                              ids, None, {})
+        # one slide per call, as the pipeline samples a query
+        predicted, sampled = pool.sample_ensemble(client, joined, features[:60], coords[:60])
+    assert len(trained) == len(sampled) == 3
+    assert len({record.worker for record in trained + sampled}) == 2
+    np.testing.assert_allclose(predicted, whole.predict(features[:60], coords[:60]), atol=1e-5)
 
 
 def test_predict_expression_on_the_tile_grid(trained, gpu_pool, training):

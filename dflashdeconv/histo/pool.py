@@ -101,6 +101,31 @@ def sample_task(model, features, coords, slide_ids=None):
         model.model_.to("cpu")
 
 
+def train_ensemble(client, model, features, coords, expression, slide_ids, gene_names,
+                   metadata, description: str | None = None):
+    """Fit an unfitted STFlow with one task per network of its ensemble (``members()``,
+    on the GPU workers when the cluster has them) and join them: the fitted model equals
+    one fitted whole. Returns it and the task records."""
+    # the data go out once, under keys of their own (an earlier call's copy of the same
+    # data may still be being released)
+    data = client.scatter([features, coords, expression, slide_ids], hash=False, broadcast=False)
+    futures = [submit(client, train_task, member, *data, gene_names, metadata)
+               for member in model.members()]
+    trained = gather(futures, description)
+    return type(model).from_members([member for member, _ in trained]), [r for _, r in trained]
+
+
+def sample_ensemble(client, model, features, coords, description: str | None = None):
+    """Expression predicted by a fitted STFlow with one sampling task per network
+    (``fitted_members()``): the mean of their samples, mapped back to expression. Returns
+    it and the task records."""
+    data = client.scatter([features, coords], hash=False, broadcast=False)
+    futures = [submit(client, sample_task, member, *data) for member in model.fitted_members()]
+    sampled = gather(futures, description)
+    mean = np.mean([part for part, _ in sampled], axis=0)
+    return model.to_expression(mean), [r for _, r in sampled]
+
+
 def submit(client, function, *args, gpu: bool = True, **kwargs):
     """``client.submit`` that sends the task to a GPU worker when the cluster has one
     (and ``gpu``), else to any worker."""
@@ -170,5 +195,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(scratch, path)
 
 
-__all__ = ["embed_task", "train_task", "sample_task", "submit", "gather", "embed_tiles",
+__all__ = ["embed_task", "train_task", "sample_task", "train_ensemble", "sample_ensemble",
+           "submit", "gather", "embed_tiles",
            "TaskRecord", "PIXELS_PER_TASK"]

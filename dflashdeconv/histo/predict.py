@@ -171,17 +171,11 @@ def train_expression_model(training, *, genes=50, genes_within=None, target: str
                     "tile_spec": spec.to_dict(), "n_training_slides": len(slides),
                     "target": target,
                     "stain_normalize": stain_normalized(encoder, encoder_options)}
-        # the ensemble's networks train in parallel, one task each (on the GPU workers
-        # when the cluster has them); the data go out once, under keys of their own (an
-        # earlier call's copy of the same data may still be being released)
-        data = client.scatter([np.vstack(features), coords, expression, slide_ids],
-                              hash=False, broadcast=False)
-        futures = [pool.submit(client, pool.train_task, member, *data, outputs, metadata)
-                   for member in model.members()]
-        trained = pool.gather(futures, "training STFlow" if progress else None)
-    model = STFlow.from_members([member for member, _ in trained])
+        model, records = pool.train_ensemble(client, model, np.vstack(features), coords,
+                                             expression, slide_ids, outputs, metadata,
+                                             "training STFlow" if progress else None)
     model.metadata_ = {**model.metadata_,
-                       "training_devices": sorted({record.device for _, record in trained})}
+                       "training_devices": sorted({record.device for record in records})}
     return model
 
 
@@ -302,15 +296,11 @@ def predict_expression(query, training=None, *, model: STFlow | str | None = Non
             use_cache=use_cache, description="embedding query tiles" if progress else None)
         timings["embedding"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        # each network of the ensemble samples in its own task; their means average
-        data = client.scatter([features, centres], hash=False, broadcast=False)
-        futures = [pool.submit(client, pool.sample_task, member, *data)
-                   for member in model.fitted_members()]
-        sampled = pool.gather(futures, "sampling STFlow" if progress else None)
-        predicted = model.to_expression(np.mean([part for part, _ in sampled], axis=0))
+        predicted, sample_records = pool.sample_ensemble(
+            client, model, features, centres, "sampling STFlow" if progress else None)
         timings["prediction"] = time.perf_counter() - t0
 
-    records = embed_records + [record for _, record in sampled]
+    records = embed_records + sample_records
     genes = list(model.gene_names_ or [f"gene_{g}" for g in range(model.n_genes_)])
     target = model.metadata_.get("target", "log1p")
     log1p_counts = None

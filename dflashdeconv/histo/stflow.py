@@ -689,11 +689,11 @@ class STFlow(BaseEstimator):
         ids = np.zeros(features.shape[0], np.int64) if slide_ids is None else np.asarray(slide_ids)
         out = np.empty((features.shape[0], self.n_genes_), np.float32)
         device = next(self.model_.parameters()).device
+        budget = SAMPLE_ELEMENTS.get(device.type, SAMPLE_ELEMENTS["cpu"])
         self.model_.eval()
         with _TORCH_GLOBALS, _FlushDenormals():
             for slide, key in zip(slides, dict.fromkeys(ids.tolist())):
                 batch = _batch([slide.item()], self.n_neighbors, device)
-                budget = SAMPLE_ELEMENTS.get(device.type, SAMPLE_ELEMENTS["cpu"])
                 per_pass = max(1, budget // (batch["index"].numel() * self.hidden_dim))
                 total = torch.zeros(batch["features"].shape[1], self.n_genes_, device=device)
                 for member, net in enumerate(self.model_):
@@ -701,7 +701,7 @@ class STFlow(BaseEstimator):
                         self.random_state + member + 1_000_003)
                     for start in range(0, self.n_samples, per_pass):
                         draws = min(per_pass, self.n_samples - start)
-                        total += self._sample(net, batch, generator, device, draws).sum(0)
+                        total += self._integrate(net, batch, generator, device, draws).sum(0)
                 out[ids == key] = (total / (len(self.model_) * self.n_samples)).cpu().numpy()
         return out
 
@@ -717,7 +717,7 @@ class STFlow(BaseEstimator):
         return np.maximum(out, 0.0) if self.non_negative else out
 
     @torch.inference_mode()
-    def _sample(self, net, batch, generator, device, draws: int) -> torch.Tensor:
+    def _integrate(self, net, batch, generator, device, draws: int) -> torch.Tensor:
         """``draws`` independent Euler integrations of one slide's flow, run as one batch
         over the slide's shared graph -> (draws, N, G)."""
         shape = (1, batch["features"].shape[1], self.n_genes_)
