@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .common import (  # noqa: F401 - the exit codes are part of the CLI's API
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
         print(f"dflashdeconv: error: {error}", file=sys.stderr)
         return EXIT_LOCKED
     except (KeyboardInterrupt, Terminated) as interruption:
+        # the abandoned run's pending zarr I/O tasks are dropped at exit; asyncio would log
+        # "Task was destroyed but it is pending!" for each, burying the one line below
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         resume = " (continue with --resume)" if args.command == "deconvolve" else ""
         print(f"dflashdeconv: interrupted{resume}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
