@@ -220,6 +220,24 @@ def test_tissue_detection_and_grid_follow_the_tissue(files, synthetic, tmp_path)
     assert 3.5 * len(on_tissue) < len(dense) < 4.5 * len(on_tissue)
 
 
+def test_tissue_mask_is_computed_once_per_slide(files, tmp_path, monkeypatch):
+    """Tiling a query and estimating its stains share one mask (the thumbnail is read once)."""
+    from dflashdeconv.histo.image import SlideImage
+    from dflashdeconv.histo.stain import slide_stains
+
+    slide = slide_image(open_slide(files / "slide.png", slide_mpp=1.0, cache=tmp_path))
+    mask = detect_tissue(slide)
+    assert detect_tissue(slide) is mask and not mask.mask.flags.writeable
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("the slide's thumbnail was read a second time")
+
+    monkeypatch.setattr(SlideImage, "thumbnail", read_again)
+    spec = TileSpec(size=50, mpp=2.0)
+    assert len(tile_grid(slide, spec, min_tissue=0.9)) > 150
+    assert slide_stains(slide, spec) is not None
+
+
 def test_tile_spec_is_validated():
     with pytest.raises(InputError, match="tile size"):
         TileSpec(size=2)

@@ -33,10 +33,27 @@ class TissueMask:
         return np.clip(inside / area, 0.0, 1.0)
 
 
+#: Masks of the last few slides, by (fingerprint, min_side): tiling a query and estimating
+#: its stains both ask for the same mask.
+_MASKS: dict[tuple[str, int], TissueMask] = {}
+_MASKS_KEPT = 8
+
+
 def detect_tissue(slide: SlideImage, *, min_side: int = TISSUE_LEVEL_PX) -> TissueMask:
     """Tissue on a low-resolution level: Otsu threshold of the HSV saturation (stained
     tissue is saturated, glass and the ST array background are not), closed, holes
-    filled and specks removed."""
+    filled and specks removed. Computed once per slide (its fingerprint) and read-only."""
+    key = (slide.fingerprint, int(min_side))
+    if key not in _MASKS:
+        while len(_MASKS) >= _MASKS_KEPT:
+            _MASKS.pop(next(iter(_MASKS)))
+        tissue = _detect_tissue(slide, min_side)
+        tissue.mask.flags.writeable = False
+        _MASKS[key] = tissue
+    return _MASKS[key]
+
+
+def _detect_tissue(slide: SlideImage, min_side: int) -> TissueMask:
     from scipy import ndimage
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
