@@ -7,10 +7,18 @@ import pytest
 import sklearn.base
 import torch
 from conftest import digest
+from scipy.spatial import cKDTree
 
 from dflashdeconv.errors import InputError, NotFittedError
 from dflashdeconv.histo import stflow
-from dflashdeconv.histo.stflow import STFlow, _batch, _graph, neighbors, sample_prior
+from dflashdeconv.histo.stflow import (
+    LINEAR_ALPHAS,
+    STFlow,
+    _batch,
+    _graph,
+    neighbors,
+    sample_prior,
+)
 
 TINY = dict(hidden_dim=32, n_layers=2, n_heads=2, n_neighbors=6, epochs=25, chunks_per_slide=4,
             batch_size=4, learning_rate=3e-3, dropout=0.1, n_models=1, n_samples=8,
@@ -286,7 +294,7 @@ def test_an_ensemble_is_the_mean_of_its_members(training):
 def test_genes_are_learnt_standardised_and_predicted_on_their_own_scale(training):
     features, coords, expression, ids = training
     scaled = expression * np.linspace(0.01, 100, expression.shape[1], dtype=np.float32)
-    model = STFlow(**TINY).fit(features, coords, scaled, ids)
+    model = STFlow(**TINY, linear_weight=0.0).fit(features, coords, scaled, ids)  # the networks
     np.testing.assert_allclose(model.target_mean_, scaled.mean(0), rtol=1e-5)
     np.testing.assert_allclose(model.target_scale_, scaled.std(0), rtol=1e-4)
     predicted = model.predict(features, coords, ids)
@@ -298,35 +306,90 @@ def test_genes_are_learnt_standardised_and_predicted_on_their_own_scale(training
     assert raw.target_mean_ is None and (raw.predict(features, coords) >= 0).all()
 
 
-def test_models_saved_by_the_first_format_still_load(training, tmp_path):
-    """A format-1 file (one network on log1p values) predicts as it did."""
-    options = {**TINY, "epochs": 2, "standardize": False, "prior": "zinb"}
+def test_models_saved_by_earlier_formats_still_load(training, tmp_path):
+    """A format-1 file (one network on log1p values) and a format-2 file (no linear part)
+    predict as they did: the networks alone."""
+    options = {**TINY, "epochs": 2, "standardize": False, "prior": "zinb", "linear_weight": 0.0}
     model = STFlow(**options).fit(*training)
     model.save(tmp_path / "new.pt")
     state = torch.load(tmp_path / "new.pt", weights_only=True)
-    old = {**state, "format": "dflashdeconv.stflow/1",
-           "params": {k: v for k, v in state["params"].items()
-                      if k not in ("standardize", "n_models")},
-           "state_dict": {k.split(".", 1)[1]: v for k, v in state["state_dict"].items()}}
+    for name in ("linear_coef", "linear_intercept", "linear_alpha"):
+        del state[name]
+    del state["params"]["linear_weight"]
+    second = {**state, "format": "dflashdeconv.stflow/2"}
+    first = {**state, "format": "dflashdeconv.stflow/1",
+             "params": {k: v for k, v in state["params"].items()
+                        if k not in ("standardize", "n_models")},
+             "state_dict": {k.split(".", 1)[1]: v for k, v in state["state_dict"].items()}}
     for name in ("target_mean", "target_scale"):
-        del old[name]
-    torch.save(old, tmp_path / "old.pt")
-    loaded = STFlow.load(tmp_path / "old.pt")
+        del first[name]
     features, coords, _ = make_slide(16)
-    np.testing.assert_array_equal(loaded.predict(features, coords), model.predict(features, coords))
+    for old in (first, second):
+        torch.save(old, tmp_path / "old.pt")
+        loaded = STFlow.load(tmp_path / "old.pt")
+        assert loaded.linear_weight == 0.0 and loaded.linear_coef_ is None
+        np.testing.assert_array_equal(loaded.predict(features, coords), model.predict(features, coords))
 
 
-def test_feature_norm_keeps_or_removes_a_slide_wide_shift(training):
-    """'global' (default) keeps a query slide's shift in every feature (tissue make-up
-    is information); 'slide' removes any per-slide affine change of the features."""
-    features, coords, _ = make_slide(11)
-    shifted = features * 1.5 + 2.0
-    by_slide = STFlow(**{**TINY, "epochs": 3}, feature_norm="slide").fit(*training)
-    np.testing.assert_allclose(by_slide.predict(shifted, coords),
-                               by_slide.predict(features, coords), atol=1e-4)
-    assert by_slide.feature_mean_ is None
-    default = STFlow(**{**TINY, "epochs": 3}).fit(*training)
-    assert default.feature_norm == "global"
-    np.testing.assert_allclose(default.feature_mean_, training[0].mean(0), rtol=1e-5, atol=1e-5)
-    moved = np.abs(default.predict(shifted, coords) - default.predict(features, coords))
-    assert moved.mean() > 0.05
+def _per_slide_design(features, coords):
+    """The linear part's inputs, written out here: per-slide standardised features and
+    their mean over the 6 nearest other spots."""
+    z = (features - features.mean(0)) / features.std(0)
+    _, nearest = cKDTree(coords).query(coords, 7)
+    return np.hstack([z, z[nearest[:, 1:]].mean(1)])
+
+
+def test_linear_part_is_a_per_slide_ridge_blended_with_the_networks(training, tmp_path):
+    from sklearn.linear_model import Ridge
+
+    features, coords, expression, ids = training
+    model = STFlow(**{**TINY, "epochs": 3}, random_state=5).fit(*training)
+    assert model.linear_weight == 0.4 and model.linear_alpha_ in LINEAR_ALPHAS
+    query, query_coords, _ = make_slide(17)
+    standardised = (expression - expression.mean(0)) / expression.std(0)
+    design = np.vstack([_per_slide_design(features[ids == i], coords[ids == i]) for i in (0, 1)])
+    ridge = Ridge(alpha=model.linear_alpha_).fit(design, standardised)
+    linear = ridge.predict(_per_slide_design(query, query_coords))
+    networks = STFlow(**{**TINY, "epochs": 3}, random_state=5, linear_weight=0.0).fit(*training)
+    assert networks.linear_coef_ is None
+    np.testing.assert_allclose(model.sample(query, query_coords),
+                               0.6 * networks.sample(query, query_coords) + 0.4 * linear,
+                               rtol=1e-4, atol=1e-4)
+    model.save(tmp_path / "model.pt")
+    loaded = STFlow.load(tmp_path / "model.pt")
+    assert loaded.linear_alpha_ == model.linear_alpha_
+    np.testing.assert_array_equal(loaded.predict(query, query_coords), model.predict(query, query_coords))
+    # the linear part alone ignores a query slide's affine shift of its features
+    model.set_params(linear_weight=1.0)
+    np.testing.assert_allclose(model.predict(query * 1.5 + 2.0, query_coords),
+                               model.predict(query, query_coords), atol=1e-4)
+
+
+def test_linear_penalty_is_chosen_on_held_out_slides():
+    """The penalty is the one whose ridge, fitted on the other slides, scores the highest
+    mean per-gene Pearson on the held-out slide; one slide is cut in two halves."""
+    from sklearn.linear_model import Ridge
+
+    from dflashdeconv.metrics import pearson
+
+    rng = np.random.default_rng(0)
+    slides = [make_slide(s, n_spots=150) for s in (21, 22, 23)]
+    features = np.vstack([f for f, _, _ in slides])
+    coords = np.vstack([c for _, c, _ in slides])
+    ids = np.repeat([0, 1, 2], 150)
+    genes = (features @ rng.normal(size=(12, 4)) + rng.normal(0, 3.0, (450, 4)) + 40).astype(np.float32)
+    designs = [_per_slide_design(features[ids == i], coords[ids == i]) for i in range(3)]
+
+    def held_out_score(alpha):
+        return np.mean([pearson(Ridge(alpha=alpha).fit(
+            np.vstack([designs[j] for j in range(3) if j != i]),
+            np.vstack([genes[ids == j] for j in range(3) if j != i])).predict(designs[i]),
+            genes[ids == i], per_cell_type=True).mean() for i in range(3)])
+
+    scores = [held_out_score(alpha) for alpha in LINEAR_ALPHAS]
+    assert np.ptp(scores) > 0.01  # the choice matters here
+    options = {**TINY, "epochs": 0}
+    model = STFlow(**options).fit(features, coords, genes, ids)
+    assert model.linear_alpha_ == LINEAR_ALPHAS[int(np.argmax(scores))]
+    clean = (features @ rng.normal(size=(12, 4)) + 40).astype(np.float32)
+    assert STFlow(**options).fit(features[:150], coords[:150], clean[:150]).linear_alpha_ <= 10
