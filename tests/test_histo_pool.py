@@ -317,13 +317,15 @@ def test_command_line_predicts_from_files(gpu_pool, tmp_path):
         "predict-expression", paths[2], "--train", paths[0], paths[1], "--slide-mpp", "1.0",
         "--out", str(tmp_path / "out.h5ad"), "--save-model", str(tmp_path / "model.pt"),
         "--genes", "GENE1,GENE2,GENE3", "--tile-size", "32", "--tile-mpp", "2.0",
-        "--epochs", "1", "--scheduler", gpu_pool.scheduler.address, "--cache", str(tmp_path)])
+        "--epochs", "1", "--feature-norm", "global", "--scheduler", gpu_pool.scheduler.address,
+        "--cache", str(tmp_path)])
     assert args.run(args) == 0
     result = ad.read_h5ad(tmp_path / "out.h5ad")
     assert result.var_names.tolist() == ["GENE1", "GENE2", "GENE3"] and result.n_obs > 100
     assert result.layers["log1p_counts"].shape == result.shape
-    assert STFlow.load(tmp_path / "model.pt").gene_names_ == ["GENE1", "GENE2", "GENE3",
-                                                                 TOTAL_COUNTS]
+    saved = STFlow.load(tmp_path / "model.pt")
+    assert saved.gene_names_ == ["GENE1", "GENE2", "GENE3", TOTAL_COUNTS]
+    assert saved.feature_norm == "global" and saved.epochs == 1
     args = parser.parse_args(["predict-expression", paths[2], "--model", str(tmp_path / "x.pt"),
                               "--out", str(tmp_path / "o.h5ad"), "--reference",
                               str(tmp_path / "absent.h5ad")])

@@ -80,8 +80,9 @@ def test_padding_does_not_change_results(fitted):
     net = fitted.model_[0]
     k = fitted.n_neighbors
     outputs = []
-    for items in ([small], [small, large]):
-        batch = _batch([(f, c / 100, e) for f, c, e in items], k, "cpu")
+    for items in ([small], [small, large]):  # features as the networks see them
+        batch = _batch([(fitted._slides(f, c, None)[0].features, c / 100, e) for f, c, e in items],
+                       k, "cpu")
         t = torch.full((len(items),), 0.4)
         with torch.no_grad():
             outputs.append(net(batch["features"], batch["expression"], t, batch["index"],
@@ -352,6 +353,9 @@ def test_linear_part_is_a_per_slide_ridge_blended_with_the_networks(training, tm
     linear = ridge.predict(_per_slide_design(query, query_coords))
     networks = STFlow(**{**TINY, "epochs": 3}, random_state=5, linear_weight=0.0).fit(*training)
     assert networks.linear_coef_ is None
+    with pytest.raises(InputError, match="fitted without its linear part"):
+        networks.set_params(linear_weight=0.4).predict(query, query_coords)
+    networks.set_params(linear_weight=0.0)
     np.testing.assert_allclose(model.sample(query, query_coords),
                                0.6 * networks.sample(query, query_coords) + 0.4 * linear,
                                rtol=1e-4, atol=1e-4)
@@ -393,3 +397,26 @@ def test_linear_penalty_is_chosen_on_held_out_slides():
     assert model.linear_alpha_ == LINEAR_ALPHAS[int(np.argmax(scores))]
     clean = (features @ rng.normal(size=(12, 4)) + 40).astype(np.float32)
     assert STFlow(**options).fit(features[:150], coords[:150], clean[:150]).linear_alpha_ <= 10
+
+
+def test_feature_norm_keeps_removes_or_pairs_a_slide_wide_shift(training):
+    """'global' keeps a query slide's shift in every feature (tissue make-up is
+    information); 'slide' removes any per-slide affine change of the features; 'both'
+    gives the networks the two views side by side."""
+    features, coords, _ = make_slide(11)
+    shifted = features * 1.5 + 2.0
+    by_slide = STFlow(**{**TINY, "epochs": 3}, feature_norm="slide").fit(*training)
+    np.testing.assert_allclose(by_slide.predict(shifted, coords),
+                               by_slide.predict(features, coords), atol=1e-4)
+    assert by_slide.feature_mean_ is None
+    by_training = STFlow(**{**TINY, "epochs": 3}, feature_norm="global").fit(*training)
+    np.testing.assert_allclose(by_training.feature_mean_, training[0].mean(0), rtol=1e-5, atol=1e-5)
+    moved = np.abs(by_training.predict(shifted, coords) - by_training.predict(features, coords))
+    assert moved.mean() > 0.05
+    paired = STFlow(**{**TINY, "epochs": 3}, feature_norm="both").fit(*training)
+    assert paired.model_[0].feature_proj[1].in_features == 2 * features.shape[1]
+    np.testing.assert_array_equal(paired.feature_mean_, by_training.feature_mean_)
+    seen = paired._slides(features, coords, None)[0].features
+    globally = (features - paired.feature_mean_) / paired.feature_scale_
+    within = (features - features.mean(0)) / features.std(0)
+    np.testing.assert_allclose(seen, np.hstack([globally, within]), rtol=1e-4, atol=1e-4)

@@ -45,6 +45,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "model's, else the encoder's: 0.5)")
     parser.add_argument("--stride-um", type=float, help="grid step in microns (default: tile side)")
     parser.add_argument("--epochs", type=int, help="STFlow training epochs (default: STFlow's)")
+    parser.add_argument("--feature-norm", choices=("both", "global", "slide"),
+                        help="how STFlow's networks see the image features (default: STFlow's, "
+                        "'both'); 'global' scored higher across patients (README)")
     parser.add_argument("--random-state", type=int, default=0,
                         help="seed of STFlow's training and sampling (default: %(default)s)")
     add_deprecated_flag(parser, "--seed", "--random-state", "random_state", type=int)
@@ -95,8 +98,10 @@ def run(args) -> int:
                 training, genes=genes, target=args.target, encoder=args.encoder,
                 encoder_weights=args.encoder_weights,
                 genes_within=None if reference is None else reference.var_names,
-                tile_spec=spec, model=STFlow(random_state=args.random_state, **(
-                    {} if args.epochs is None else {"epochs": args.epochs})),
+                tile_spec=spec, model=STFlow(random_state=args.random_state, **{
+                    name: value for name, value in (("epochs", args.epochs),
+                                                    ("feature_norm", args.feature_norm))
+                    if value is not None}),
                 scheduler=client, cache=args.cache, progress=True)
             if args.save_model:
                 model.save(args.save_model)
