@@ -312,6 +312,11 @@ def _scale(values: np.ndarray) -> np.ndarray:
     return np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
+def _within_slide(values: np.ndarray) -> np.ndarray:
+    """Columns standardised by their own (one slide's) mean and standard deviation."""
+    return (values - values.mean(0)) / _scale(values)
+
+
 def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None = None) -> np.ndarray:
     value = np.asarray(value.toarray() if hasattr(value, "toarray") else value)
     if value.ndim != 2 or value.dtype.kind not in "fiub":
@@ -334,8 +339,7 @@ def _linear_design(slide: _Slide, n_features: int) -> np.ndarray:
     slide, which removes the slide's stain and scanner shift, beside the mean of the same
     over each spot's :data:`LINEAR_NEIGHBORS` nearest spots (a missing neighbour, on a
     slide of few spots, counts as the spot itself)."""
-    z = slide.features[:, :n_features].astype(np.float64)
-    z = (z - z.mean(0)) / _scale(z)
+    z = _within_slide(slide.features[:, :n_features].astype(np.float64))
     index, _ = neighbors(slide.positions, LINEAR_NEIGHBORS)
     return np.hstack([z, z[index].mean(1)])
 
@@ -606,7 +610,7 @@ class STFlow(BaseEstimator):
             rows = np.flatnonzero(ids == slide)
             slide_features = features[rows]
             if self.feature_norm != "global":
-                within = (slide_features - slide_features.mean(0)) / _scale(slide_features)
+                within = _within_slide(slide_features)
                 slide_features = within if self.feature_norm == "slide" else np.hstack(
                     [slide_features, within])
             xy = coords[rows].astype(np.float64)
