@@ -13,6 +13,7 @@ from dflashdeconv.errors import InputError, NotFittedError
 from dflashdeconv.histo import stflow
 from dflashdeconv.histo.stflow import (
     LINEAR_ALPHAS,
+    LINEAR_RANKS,
     STFlow,
     _batch,
     _graph,
@@ -340,17 +341,29 @@ def _per_slide_design(features, coords):
     return np.hstack([z, z[nearest[:, 1:]].mean(1)])
 
 
-def test_linear_part_is_a_per_slide_ridge_blended_with_the_networks(training, tmp_path):
+def _reduced_rank(predicted, training_targets, rank):
+    """Predictions with their deviations from the training mean projected on the ``rank``
+    leading principal axes of the training targets (rank 0: unchanged)."""
+    if rank == 0:
+        return predicted
+    mean = training_targets.mean(0)
+    _, _, axes = np.linalg.svd(training_targets - mean, full_matrices=False)
+    return (predicted - mean) @ axes[:rank].T @ axes[:rank] + mean
+
+
+def test_linear_part_is_a_per_slide_reduced_rank_ridge_blended_with_the_networks(training, tmp_path):
     from sklearn.linear_model import Ridge
 
     features, coords, expression, ids = training
     model = STFlow(**{**TINY, "epochs": 3}, random_state=5).fit(*training)
     assert model.linear_weight == 0.4 and model.linear_alpha_ in LINEAR_ALPHAS
+    assert model.linear_rank_ in LINEAR_RANKS
     query, query_coords, _ = make_slide(17)
     standardised = (expression - expression.mean(0)) / expression.std(0)
     design = np.vstack([_per_slide_design(features[ids == i], coords[ids == i]) for i in (0, 1)])
     ridge = Ridge(alpha=model.linear_alpha_).fit(design, standardised)
-    linear = ridge.predict(_per_slide_design(query, query_coords))
+    linear = _reduced_rank(ridge.predict(_per_slide_design(query, query_coords)), standardised,
+                           model.linear_rank_)
     networks = STFlow(**{**TINY, "epochs": 3}, random_state=5, linear_weight=0.0).fit(*training)
     assert networks.linear_coef_ is None
     with pytest.raises(InputError, match="fitted without its linear part"):
@@ -361,7 +374,7 @@ def test_linear_part_is_a_per_slide_ridge_blended_with_the_networks(training, tm
                                rtol=1e-4, atol=1e-4)
     model.save(tmp_path / "model.pt")
     loaded = STFlow.load(tmp_path / "model.pt")
-    assert loaded.linear_alpha_ == model.linear_alpha_
+    assert (loaded.linear_alpha_, loaded.linear_rank_) == (model.linear_alpha_, model.linear_rank_)
     np.testing.assert_array_equal(loaded.predict(query, query_coords), model.predict(query, query_coords))
     # the linear part alone ignores a query slide's affine shift of its features
     model.set_params(linear_weight=1.0)
@@ -369,9 +382,10 @@ def test_linear_part_is_a_per_slide_ridge_blended_with_the_networks(training, tm
                                model.predict(query, query_coords), atol=1e-4)
 
 
-def test_linear_penalty_is_chosen_on_held_out_slides():
-    """The penalty is the one whose ridge, fitted on the other slides, scores the highest
-    mean per-gene Pearson on the held-out slide; one slide is cut in two halves."""
+def test_linear_penalty_and_rank_are_chosen_on_held_out_slides():
+    """The (penalty, rank) is the one whose reduced-rank ridge, fitted on the other slides,
+    scores the highest mean per-gene Pearson on the held-out slide; one slide is cut in
+    two halves."""
     from sklearn.linear_model import Ridge
 
     from dflashdeconv.metrics import pearson
@@ -381,20 +395,31 @@ def test_linear_penalty_is_chosen_on_held_out_slides():
     features = np.vstack([f for f, _, _ in slides])
     coords = np.vstack([c for _, c, _ in slides])
     ids = np.repeat([0, 1, 2], 150)
-    genes = (features @ rng.normal(size=(12, 4)) + rng.normal(0, 3.0, (450, 4)) + 40).astype(np.float32)
+    # 30 genes driven by 2 programmes of the features, each with its own noise
+    programmes = features @ rng.normal(size=(12, 2))
+    genes = (programmes @ rng.normal(size=(2, 30)) + rng.normal(0, 6.0, (450, 30)) + 60)
+    genes = genes.astype(np.float32)
+    standardised = (genes - genes.mean(0)) / genes.std(0)
     designs = [_per_slide_design(features[ids == i], coords[ids == i]) for i in range(3)]
 
-    def held_out_score(alpha):
-        return np.mean([pearson(Ridge(alpha=alpha).fit(
-            np.vstack([designs[j] for j in range(3) if j != i]),
-            np.vstack([genes[ids == j] for j in range(3) if j != i])).predict(designs[i]),
-            genes[ids == i], per_cell_type=True).mean() for i in range(3)])
+    def held_out_score(alpha, rank):
+        scores = []
+        for i in range(3):
+            rest = [j for j in range(3) if j != i]
+            y = np.vstack([standardised[ids == j] for j in rest])
+            ridge = Ridge(alpha=alpha).fit(np.vstack([designs[j] for j in rest]), y)
+            predicted = _reduced_rank(ridge.predict(designs[i]), y, rank)
+            scores.append(pearson(predicted, standardised[ids == i], per_cell_type=True).mean())
+        return np.mean(scores)
 
-    scores = [held_out_score(alpha) for alpha in LINEAR_ALPHAS]
-    assert np.ptp(scores) > 0.01  # the choice matters here
+    grid = [(alpha, rank) for alpha in LINEAR_ALPHAS for rank in LINEAR_RANKS]
+    scores = np.array([held_out_score(alpha, rank) for alpha, rank in grid])
+    best = grid[int(np.argmax(scores))]
+    assert best[1] != 0  # reduced rank wins here ...
+    assert np.ptp(scores) > 0.01  # ... and the choice matters
     options = {**TINY, "epochs": 0}
     model = STFlow(**options).fit(features, coords, genes, ids)
-    assert model.linear_alpha_ == LINEAR_ALPHAS[int(np.argmax(scores))]
+    assert (model.linear_alpha_, model.linear_rank_) == best
     clean = (features @ rng.normal(size=(12, 4)) + 40).astype(np.float32)
     assert STFlow(**options).fit(features[:150], coords[:150], clean[:150]).linear_alpha_ <= 10
 
