@@ -273,7 +273,7 @@ def evaluate(data, kind, which, seeds, device) -> dict:
               f"of the training sections)")
         for name, (r, sd, note) in rows.items():
             spread = f"+- {sd:.3f}" if name.startswith("STFlow") else "       "
-            print(f"  {name:<46} {r:6.3f} {spread}  {note}", flush=True)
+            print(f"  {name:<60} {r:6.3f} {spread}  {note}", flush=True)
     return results
 
 
@@ -285,12 +285,12 @@ def summary(results, kind):
     loso = [t for t in PATIENT_C if t in results] if "C2" in results else []
     label = f"  LOSO {'+'.join(loso)}" if loso else ""  # the folds run (all four with C5)
     header = "".join(f"{c:>8}" for c in columns) + label
-    print(f"  {'method':<46}{header}")
+    print(f"  {'method':<60}{header}")
     for method in methods:
         line = "".join(f"{results[c][method][0]:8.3f}" for c in columns)
         if loso:
             line += f"{np.mean([results[t][method][0] for t in loso]):{len(label)}.3f}"
-        print(f"  {method:<46}{line}")
+        print(f"  {method:<60}{line}")
     for column in columns + (["LOSO"] if loso else []):
         tests = loso if column == "LOSO" else [column]
         for which, candidates in (("of all", BASELINES), ("of the issue's", ISSUE_BASELINES)):
