@@ -68,6 +68,7 @@ from scipy.spatial import cKDTree
 from sklearn.linear_model import Ridge
 from sklearn.neighbors import KNeighborsRegressor
 
+from dflashdeconv.core.scores import mean_column_pearson
 from dflashdeconv.engine.cluster import connect
 from dflashdeconv.histo import pool
 from dflashdeconv.histo.encoders import default_tile_spec
@@ -153,17 +154,6 @@ def load(client, encoder, weights, cache) -> dict:
     return data
 
 
-# ------------------------------------------------------------------------------ scoring
-
-def per_gene_pearson(predicted, observed) -> float:
-    p = predicted - predicted.mean(0)
-    o = observed - observed.mean(0)
-    denominator = np.sqrt((p * p).sum(0) * (o * o).sum(0))
-    r = np.divide((p * o).sum(0), denominator, out=np.zeros(p.shape[1]),
-                  where=denominator > 1e-12)
-    return float(r.mean())
-
-
 # ------------------------------------------------------------------------------ baselines
 
 def design(data, sections, training, norm: str, neighbours: bool) -> dict:
@@ -220,7 +210,7 @@ def tuned_baseline(method, norm, data, training, test, genes, kind):
     """Hyper-parameters by leave-one-section-out over ``training`` (the feature
     standardisation ``norm`` fixed); refit; predict ``test``."""
     def inner(params):
-        return np.mean([per_gene_pearson(
+        return np.mean([mean_column_pearson(
             baseline_predict(method, params, data, [s for s in training if s != held], held,
                              genes, kind), target(held, genes, kind)) for held in training])
 
@@ -252,15 +242,15 @@ def evaluate(data, kind, which, seeds, device) -> dict:
         for norm, method in itertools.product(NORMS, BASELINES):
             predicted, params = tuned_baseline(method, norm, data, training, test, genes, kind)
             params.pop("norm")
-            rows[baseline_row(method, norm)] = (per_gene_pearson(predicted, observed), 0.0,
+            rows[baseline_row(method, norm)] = (mean_column_pearson(predicted, observed), 0.0,
                                                 str(params))
         scores, alone, seconds = [], [], []
         for seed in seeds:
             start = time.perf_counter()
             predicted, networks = stflow_predict(data, training, test, genes, kind, seed, device)
             seconds.append(time.perf_counter() - start)
-            scores.append(per_gene_pearson(predicted, observed))
-            alone.append(per_gene_pearson(networks, observed))
+            scores.append(mean_column_pearson(predicted, observed))
+            alone.append(mean_column_pearson(networks, observed))
         for name, values in (("STFlow (defaults)", scores), (STFLOW_NETWORKS, alone)):
             rows[name] = (float(np.mean(values)),
                           float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,

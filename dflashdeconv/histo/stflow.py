@@ -29,6 +29,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ..core.estimator import check_fitted, validate_params
+from ..core.scores import mean_column_pearson
 from ..errors import InputError
 from ..log import logger, verbose_logging
 
@@ -378,15 +379,6 @@ def _gene_axes(y: np.ndarray, rank: int) -> np.ndarray | None:
     return axes[:rank].T @ axes[:rank]
 
 
-def _mean_pearson(predicted: np.ndarray, observed: np.ndarray) -> float:
-    """Pearson correlation of each column, mean over the columns (0 where one is constant)."""
-    p = predicted - predicted.mean(0)
-    o = observed - observed.mean(0)
-    denominator = np.sqrt((p * p).sum(0) * (o * o).sum(0))
-    r = np.divide((p * o).sum(0), denominator, out=np.zeros(p.shape[1]), where=denominator > 1e-12)
-    return float(r.mean())
-
-
 def _fit_linear(slides: list[_Slide], n_features: int) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Reduced-rank ridge of the training slides' expression on their
     :func:`_linear_design`: ``(coef, intercept, alpha, rank)``. The penalty and the rank
@@ -413,7 +405,7 @@ def _fit_linear(slides: list[_Slide], n_features: int) -> tuple[np.ndarray, np.n
         fits = _ridge(np.vstack([designs[i] for i in rest]), y, LINEAR_ALPHAS,
                       [_gene_axes(y, rank) for rank in LINEAR_RANKS])
         for g, (coef, intercept) in enumerate(fits):
-            scores[g] += _mean_pearson(designs[held] @ coef + intercept, targets[held])
+            scores[g] += mean_column_pearson(designs[held] @ coef + intercept, targets[held])
     # too few spots to compare: the middle penalty, full rank
     alpha, rank = grid[int(np.argmax(scores))] if scored else (
         LINEAR_ALPHAS[len(LINEAR_ALPHAS) // 2], 0)
