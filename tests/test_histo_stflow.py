@@ -297,10 +297,13 @@ def test_genes_are_learnt_standardised_and_predicted_on_their_own_scale(training
     features, coords, expression, ids = training
     scaled = expression * np.linspace(0.01, 100, expression.shape[1], dtype=np.float32)
     model = STFlow(**TINY, linear_weight=0.0).fit(features, coords, scaled, ids)  # the networks
+    centred = scaled.astype(np.float64)
+    for slide in (0, 1):  # target_norm="slide": each slide brought to the pooled mean
+        centred[ids == slide] += scaled.mean(0) - scaled[ids == slide].mean(0)
     np.testing.assert_allclose(model.target_mean_, scaled.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(model.target_scale_, scaled.std(0), rtol=1e-4)
+    np.testing.assert_allclose(model.target_scale_, centred.std(0), rtol=1e-4)
     predicted = model.predict(features, coords, ids)
-    ratio = predicted.std(0) / scaled.std(0)  # every gene on its own scale, none collapsed
+    ratio = predicted.std(0) / centred.std(0)  # every gene on its own scale, none collapsed
     assert ratio.min() > 0.3 and ratio.max() < 1.5
     with pytest.raises(InputError, match="prior='zinb' draws log1p counts"):
         STFlow(**TINY, prior="zinb").fit(features, coords, expression)
@@ -359,7 +362,10 @@ def test_linear_part_is_a_per_slide_reduced_rank_ridge_blended_with_the_networks
     assert model.linear_weight == 0.4 and model.linear_alpha_ in LINEAR_ALPHAS
     assert model.linear_rank_ in LINEAR_RANKS
     query, query_coords, _ = make_slide(17)
-    standardised = (expression - expression.mean(0)) / expression.std(0)
+    centred = expression.astype(np.float64)  # target_norm="slide"
+    for slide in (0, 1):
+        centred[ids == slide] += expression.mean(0) - expression[ids == slide].mean(0)
+    standardised = (centred - centred.mean(0)) / centred.std(0)
     design = np.vstack([_per_slide_design(features[ids == i], coords[ids == i]) for i in (0, 1)])
     ridge = Ridge(alpha=model.linear_alpha_).fit(design, standardised)
     linear = _reduced_rank(ridge.predict(_per_slide_design(query, query_coords)), standardised,
@@ -422,6 +428,27 @@ def test_linear_penalty_and_rank_are_chosen_on_held_out_slides():
     assert (model.linear_alpha_, model.linear_rank_) == best
     clean = (features @ rng.normal(size=(12, 4)) + 40).astype(np.float32)
     assert STFlow(**options).fit(features[:150], coords[:150], clean[:150]).linear_alpha_ <= 10
+
+
+def test_slide_centred_targets_ignore_slide_wide_expression_levels(training):
+    """With target_norm='slide' a slide-wide offset of one training slide's expression
+    changes nothing but the pooled level of the predictions; with 'global' it is learnt."""
+    features, coords, expression, ids = training
+    offset = np.where(ids == 1, 2.0, 0.0)[:, None]
+    shifted = expression + offset
+    kept = shifted.copy()
+    params = {**TINY, "epochs": 3, "non_negative": False, "random_state": 5}
+    query = make_slide(7)[:2]
+    base = STFlow(**params).fit(features, coords, expression, ids)
+    moved = STFlow(**params).fit(features, coords, shifted, ids)
+    np.testing.assert_array_equal(shifted, kept)
+    np.testing.assert_allclose(moved.target_mean_, expression.mean(0) + offset.mean(), rtol=1e-5)
+    np.testing.assert_allclose(moved.predict(*query), base.predict(*query) + offset.mean(),
+                               atol=1e-4)
+    learnt = [STFlow(**params, target_norm="global").fit(features, coords, y, ids).predict(*query)
+              for y in (expression, shifted)]
+    change = learnt[1] - learnt[0]
+    assert np.abs(change - change.mean()).max() > 0.05
 
 
 def test_feature_norm_keeps_removes_or_pairs_a_slide_wide_shift(training):
