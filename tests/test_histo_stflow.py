@@ -442,6 +442,8 @@ def test_slide_centred_targets_ignore_slide_wide_expression_levels(training):
     base = STFlow(**params).fit(features, coords, expression, ids)
     moved = STFlow(**params).fit(features, coords, shifted, ids)
     np.testing.assert_array_equal(shifted, kept)
+    single = STFlow(**params).fit(features, coords, shifted.astype(np.float32), ids)
+    assert single.predict(*query).dtype == np.float32  # centring keeps float32 targets float32
     np.testing.assert_allclose(moved.target_mean_, expression.mean(0) + offset.mean(), rtol=1e-5)
     np.testing.assert_allclose(moved.predict(*query), base.predict(*query) + offset.mean(),
                                atol=1e-4)

@@ -334,13 +334,14 @@ def _check_ids(slide_ids, n: int) -> np.ndarray:
 
 
 def _centre_slides(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """A copy of ``values`` with each slide's column means replaced by the pooled means."""
+    """A copy of ``values`` with each slide's column means replaced by the pooled means
+    (summed in float64; a float input keeps its dtype)."""
     out = values.astype(np.float64)
     pooled = out.mean(0)
     for slide in np.unique(ids):
         rows = ids == slide
         out[rows] += pooled - out[rows].mean(0)
-    return out
+    return out.astype(values.dtype) if values.dtype.kind == "f" else out
 
 
 def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None = None) -> np.ndarray:
@@ -564,8 +565,7 @@ class STFlow(BaseEstimator):
     def __init__(self, hidden_dim=64, n_layers=2, n_heads=4, n_neighbors=8, dropout=0.2,
                  prior="gaussian", standardize=True, feature_norm="both",
                  target_norm="slide", non_negative=True, linear_weight=0.4, n_sample_steps=5,
-                 n_samples=32,
-                 n_models=3, epochs=200, learning_rate=1e-3, weight_decay=1e-4,
+                 n_samples=32, n_models=3, epochs=200, learning_rate=1e-3, weight_decay=1e-4,
                  batch_size=4, chunks_per_slide=16, whole_slide_max_spots=5000,
                  random_state=0, device=None, verbose=False):
         self.hidden_dim = hidden_dim
