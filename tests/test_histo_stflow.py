@@ -293,13 +293,19 @@ def test_an_ensemble_is_the_mean_of_its_members(training):
     assert np.abs(alone[0].predict(features, coords) - members).max() > 1e-3
 
 
+def _slide_centred(values, ids):
+    """target_norm="slide", written out: each slide's column means moved to the pooled ones."""
+    centred = values.astype(np.float64)
+    for slide in np.unique(ids):
+        centred[ids == slide] += values.mean(0) - values[ids == slide].mean(0)
+    return centred
+
+
 def test_genes_are_learnt_standardised_and_predicted_on_their_own_scale(training):
     features, coords, expression, ids = training
     scaled = expression * np.linspace(0.01, 100, expression.shape[1], dtype=np.float32)
     model = STFlow(**TINY, linear_weight=0.0).fit(features, coords, scaled, ids)  # the networks
-    centred = scaled.astype(np.float64)
-    for slide in (0, 1):  # target_norm="slide": each slide brought to the pooled mean
-        centred[ids == slide] += scaled.mean(0) - scaled[ids == slide].mean(0)
+    centred = _slide_centred(scaled, ids)
     np.testing.assert_allclose(model.target_mean_, scaled.mean(0), rtol=1e-5)
     np.testing.assert_allclose(model.target_scale_, centred.std(0), rtol=1e-4)
     predicted = model.predict(features, coords, ids)
@@ -362,9 +368,7 @@ def test_linear_part_is_a_per_slide_reduced_rank_ridge_blended_with_the_networks
     assert model.linear_weight == 0.4 and model.linear_alpha_ in LINEAR_ALPHAS
     assert model.linear_rank_ in LINEAR_RANKS
     query, query_coords, _ = make_slide(17)
-    centred = expression.astype(np.float64)  # target_norm="slide"
-    for slide in (0, 1):
-        centred[ids == slide] += expression.mean(0) - expression[ids == slide].mean(0)
+    centred = _slide_centred(expression, ids)
     standardised = (centred - centred.mean(0)) / centred.std(0)
     design = np.vstack([_per_slide_design(features[ids == i], coords[ids == i]) for i in (0, 1)])
     ridge = Ridge(alpha=model.linear_alpha_).fit(design, standardised)
