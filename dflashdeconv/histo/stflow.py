@@ -341,7 +341,7 @@ def _centre_slides(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     for slide in np.unique(ids):
         rows = ids == slide
         out[rows] += pooled - out[rows].mean(0)
-    return out.astype(values.dtype) if values.dtype.kind == "f" else out
+    return out.astype(values.dtype, copy=False) if values.dtype.kind == "f" else out
 
 
 def _check_array(name: str, value, n_rows: int | None = None, n_cols: int | None = None) -> np.ndarray:
