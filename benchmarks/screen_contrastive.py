@@ -26,7 +26,10 @@ What it does, exactly:
   inside the training sections, as in ``bench_stflow.py``) on the morphology features, the
   CNN features, and both; STFlow with its defaults on the morphology features and on both;
   and STFlow's networks on the morphology features with its linear part (the same
-  reduced-rank ridge, ``linear_weight=0.4``) on both.
+  reduced-rank ridge, ``linear_weight=0.4``) on both. Each STFlow row is fitted as its two
+  parts (the networks with ``linear_weight=0``, the linear part alone with ``epochs=0``)
+  blended at the default weight in the standardised space, which is what ``STFlow.sample``
+  does in one fit.
 
     python benchmarks/screen_contrastive.py [--size 64] [--epochs 40] [--seeds 2]
 
