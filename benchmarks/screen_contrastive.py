@@ -178,7 +178,9 @@ def stflow_scores(networks, linear, seeds: int) -> float:
             return np.vstack([data[s]["features"] for s in training])
 
         weight = STFlow().linear_weight
-        part = STFlow(epochs=0, n_models=1, linear_weight=1.0).fit(stack(linear), coords, y, ids)
+        # the linear part alone: untrained networks weighted 0, sampled as little as allowed
+        part = STFlow(epochs=0, n_models=1, linear_weight=1.0, n_samples=1, n_sample_steps=2)
+        part = part.fit(stack(linear), coords, y, ids)
         part = part.sample(linear[held]["features"], linear[held]["coords"])
         for seed in range(seeds):
             model = STFlow(random_state=100 * seed, linear_weight=0.0).fit(stack(networks),
