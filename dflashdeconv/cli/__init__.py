@@ -14,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from .common import (  # noqa: F401 - the exit codes are part of the CLI's API
     EXIT_BAD_INPUT,
@@ -85,8 +86,11 @@ def main(argv=None) -> int:
         return EXIT_LOCKED
     except (KeyboardInterrupt, Terminated) as interruption:
         # the abandoned run's pending zarr I/O tasks are dropped at exit; asyncio would log
-        # "Task was destroyed but it is pending!" for each, burying the one line below
+        # "Task was destroyed but it is pending!" for each, and Python warn of each coroutine
+        # not yet started ("was never awaited"), burying the one line below
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
         resume = " (continue with --resume)" if args.command == "deconvolve" else ""
         print(f"dflashdeconv: interrupted{resume}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
