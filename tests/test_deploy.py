@@ -215,6 +215,11 @@ def test_dockerfiles_pin_the_base_run_as_non_root_and_enter_the_cli(name):
     assert "dflashdeconv" in entry
     assert "torch==2.13.0" in text or "-c constraints-cpu.txt" in text  # the pinned torch
     assert "pip install --user" not in text  # installs into the image, not a home folder
+    # the worker environment connect() gives its LocalCluster's workers, for `dask worker`
+    from dflashdeconv.engine.cluster import WORKER_ENVIRON, WORKER_PRE_SPAWN_ENVIRON
+
+    for key, value in {**WORKER_ENVIRON, **WORKER_PRE_SPAWN_ENVIRON}.items():
+        assert re.search(rf"^\s+{key}={value}\b", text, re.M), f"{name} does not set {key}={value}"
 
 
 def test_kube_cluster_spec_is_a_valid_daskcluster():

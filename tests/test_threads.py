@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 
 from dflashdeconv import FlashDeconv
 from dflashdeconv.core import threads
-from dflashdeconv.engine.cluster import local_cluster_options, worker_task
+from dflashdeconv.engine.cluster import connect, local_cluster_options, worker_task
 
 
 @worker_task
@@ -84,3 +88,36 @@ def test_the_default_clusters_workers_decompress_with_their_own_threads(threads_
         blosc, pool = client.submit(_codec_threads, pure=False).result()
     expected = min(threads_per_worker, threads.available_cores())
     assert (blosc, pool) == (expected, expected)
+
+
+def _served_by_fresh_mapping(n_bytes: int) -> bool:
+    """Whether glibc's malloc serves ``n_bytes`` by mapping fresh pages (its chunk header's
+    IS_MMAPPED bit) rather than from its heap."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    address = libc.malloc(n_bytes)
+    try:
+        return bool(ctypes.c_size_t.from_address(address - ctypes.sizeof(ctypes.c_size_t)).value & 2)
+    finally:
+        libc.free(ctypes.c_void_p(address))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_local_cluster_workers_reuse_heap_memory_for_large_arrays():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB
+    (a process started so maps every 1 MiB array afresh); connect()'s workers start with a
+    64 MiB threshold and serve it from the heap."""
+    probe = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+             "from test_threads import _served_by_fresh_mapping as f; print(f(2 ** 20))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    dask_default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                  env={**env, "MALLOC_TRIM_THRESHOLD_": "65536"}, check=True)
+    assert dask_default.stdout.strip() == "True"
+    with connect(n_workers=1, threads_per_worker=1, quiet=True) as client:
+        assert list(client.run(_served_by_fresh_mapping, 2 ** 20).values()) == [False]
+        environ = client.run(lambda: dict(os.environ))
+    [environ] = environ.values()
+    assert environ["MALLOC_MMAP_THRESHOLD_"] == str(64 * 2 ** 20)
+    assert environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # Dask's trimming is kept
