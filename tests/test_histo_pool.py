@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 import pytest
@@ -366,3 +367,29 @@ def test_a_partial_tile_spec_takes_the_rest_from_the_model_else_the_encoder(trai
     assert resolve_tile_spec(None, None, "uni") == TileSpec(224, 0.5)
     with pytest.raises(InputError, match="tile size must be an integer of at least 8"):
         resolve_tile_spec(0, None, "morphology")  # never silently the default
+
+
+def _torch_threads_after_numba_starts() -> tuple[tuple[int, int], int, int]:
+    """In a worker's task thread: torch's thread count at first, once numba's OpenMP pool has
+    started there (as STFlow's neighbour spacing starts it within a fit), then inside
+    :func:`pool.task_threads` (torch and numba)."""
+    import numba
+    import torch
+
+    first = torch.get_num_threads()
+    numba.get_num_threads()  # starts numba's pool in this thread
+    started = (first, torch.get_num_threads())
+    with pool.task_threads():
+        return started, torch.get_num_threads(), numba.get_num_threads()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba's pool has one thread")
+def test_histology_tasks_keep_torch_on_the_workers_threads():
+    """numba's OpenMP pool, started in a task's thread, sets its OpenMP thread count to every
+    core, and torch shares that libgomp; histology tasks put torch (and numba) back on the
+    worker's one thread."""
+    with connect(n_workers=1, threads_per_worker=1, quiet=True) as client:
+        started, in_task, numba_threads = client.submit(_torch_threads_after_numba_starts,
+                                                        pure=False).result()
+    assert started == (1, numba.config.NUMBA_NUM_THREADS)  # what the tasks ran with before
+    assert (in_task, numba_threads) == (1, 1)

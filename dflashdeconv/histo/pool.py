@@ -11,6 +11,7 @@ features come back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.threads import limit
+from ..engine.cluster import worker_threads
 from ..errors import InputError
 from .devices import gpu_task_options, task_device
 from .encoders import (
@@ -57,6 +60,32 @@ def _record() -> TaskRecord:
     return TaskRecord(address, task_device())
 
 
+@contextlib.contextmanager
+def task_threads(uses_torch: bool = True):
+    """numba's kernels and (``uses_torch``) torch's CPU operations of the task on the
+    worker's threads (:func:`~dflashdeconv.engine.cluster.worker_threads`).
+
+    numba's OpenMP pool, when it starts in a thread (at its first kernel or thread query,
+    e.g. STFlow's neighbour spacing), sets that thread's OpenMP thread count to every core,
+    and torch shares that libgomp: each single-threaded worker of a 2-core LocalCluster
+    then ran torch on 2 threads, and STFlow's sampling and the torch encoders slowed
+    several-fold. The pool starts here first, then torch's count is set.
+    """
+    n_threads = worker_threads()
+    with limit(n_threads):
+        if not uses_torch:
+            yield
+            return
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
 def _worker_encoder(encoder, weights, options) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder
@@ -76,7 +105,8 @@ def embed_task(slide: SlideImage, centres: np.ndarray, spec: TileSpec, encoder, 
     tiles = slide.read_tiles(centres, spec)
     if stains is not None:
         tiles = normalize_stains(tiles, stains)
-    return model.embed(tiles, device=record.device), record
+    with task_threads(model.uses_torch):
+        return model.embed(tiles, device=record.device), record
 
 
 def train_task(model, features, coords, expression, slide_ids, gene_names, metadata):
@@ -84,7 +114,9 @@ def train_task(model, features, coords, expression, slide_ids, gene_names, metad
     the fitted model comes back on CPU (a client without a GPU can unpickle it)."""
     record = _record()
     model.set_params(device=record.device)
-    model.fit(features, coords, expression, slide_ids, gene_names=gene_names, metadata=metadata)
+    with task_threads():
+        model.fit(features, coords, expression, slide_ids, gene_names=gene_names,
+                  metadata=metadata)
     model.model_.to("cpu")
     model.set_params(device=None)
     return model, record
@@ -96,7 +128,8 @@ def sample_task(model, features, coords, slide_ids=None):
     record = _record()
     model.model_.to(record.device)  # sampling runs where the network's weights are
     try:
-        return model.sample(features, coords, slide_ids), record
+        with task_threads():
+            return model.sample(features, coords, slide_ids), record
     finally:
         model.model_.to("cpu")
 
@@ -195,6 +228,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(scratch, path)
 
 
-__all__ = ["embed_task", "train_task", "sample_task", "train_ensemble", "sample_ensemble",
+__all__ = ["task_threads", "embed_task", "train_task", "sample_task", "train_ensemble", "sample_ensemble",
            "submit", "gather", "embed_tiles",
            "TaskRecord", "PIXELS_PER_TASK"]
