@@ -115,9 +115,11 @@ def test_local_cluster_workers_reuse_heap_memory_for_large_arrays():
     dask_default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                   env={**env, "MALLOC_TRIM_THRESHOLD_": "65536"}, check=True)
     assert dask_default.stdout.strip() == "True"
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     with connect(n_workers=1, threads_per_worker=1, quiet=True) as client:
         assert list(client.run(_served_by_fresh_mapping, 2 ** 20).values()) == [False]
         environ = client.run(lambda: dict(os.environ))
+        assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == before  # this process's: as it was
     [environ] = environ.values()
     assert environ["MALLOC_MMAP_THRESHOLD_"] == str(64 * 2 ** 20)
     assert environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # Dask's trimming is kept

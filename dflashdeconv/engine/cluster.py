@@ -224,10 +224,20 @@ def connect(scheduler=None, *, n_workers=None, threads_per_worker=None, memory_l
         options.update(cluster_kwargs, processes=processes)
         if not processes:
             options.pop("env")  # thread workers share this process's environment
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": {
-                **dask.config.get("distributed.nanny.pre-spawn-environ", {}),
-                **WORKER_PRE_SPAWN_ENVIRON}}):
-            cluster = _local_cluster(options, devices)
+        # the Nannies also write their pre-spawn environment into this process's: put
+        # ours back, so that clusters the caller starts later are not changed by it
+        saved = {key: os.environ.get(key) for key in WORKER_PRE_SPAWN_ENVIRON}
+        try:
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": {
+                    **dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+                    **WORKER_PRE_SPAWN_ENVIRON}}):
+                cluster = _local_cluster(options, devices)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         client = Client(cluster)
         owns, owns_client = True, True
     if not quiet:

@@ -68,8 +68,8 @@ def task_threads(uses_torch: bool = True):
     numba's OpenMP pool, when it starts in a thread (at its first kernel or thread query,
     e.g. STFlow's neighbour spacing), sets that thread's OpenMP thread count to every core,
     and torch shares that libgomp: each single-threaded worker of a 2-core LocalCluster
-    then ran torch on 2 threads, and STFlow's sampling and the torch encoders slowed
-    several-fold. The pool starts here first, then torch's count is set.
+    then ran torch on 2 threads (the ~4k-spot pipeline on 2 cores took 212 s instead of
+    177 s). The pool starts here first, then torch's count is set.
     """
     n_threads = worker_threads()
     with limit(n_threads):
@@ -228,6 +228,5 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(scratch, path)
 
 
-__all__ = ["task_threads", "embed_task", "train_task", "sample_task", "train_ensemble", "sample_ensemble",
-           "submit", "gather", "embed_tiles",
-           "TaskRecord", "PIXELS_PER_TASK"]
+__all__ = ["task_threads", "embed_task", "train_task", "sample_task", "train_ensemble",
+           "sample_ensemble", "submit", "gather", "embed_tiles", "TaskRecord", "PIXELS_PER_TASK"]
