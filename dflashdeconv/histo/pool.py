@@ -61,9 +61,9 @@ def _record() -> TaskRecord:
 
 
 @contextlib.contextmanager
-def task_threads(uses_torch: bool = True):
-    """numba's kernels and (``uses_torch``) torch's CPU operations of the task on the
-    worker's threads (:func:`~dflashdeconv.engine.cluster.worker_threads`).
+def task_threads():
+    """numba's kernels and torch's CPU operations of a torch task on the worker's threads
+    (:func:`~dflashdeconv.engine.cluster.worker_threads`).
 
     numba's OpenMP pool, when it starts in a thread (at its first kernel or thread query,
     e.g. STFlow's neighbour spacing), sets that thread's OpenMP thread count to every core,
@@ -71,13 +71,10 @@ def task_threads(uses_torch: bool = True):
     then ran torch on 2 threads (the ~4k-spot pipeline on 2 cores took 212 s instead of
     177 s). The pool starts here first, then torch's count is set.
     """
+    import torch
+
     n_threads = worker_threads()
     with limit(n_threads):
-        if not uses_torch:
-            yield
-            return
-        import torch
-
         previous = torch.get_num_threads()
         torch.set_num_threads(n_threads)
         try:
@@ -105,7 +102,8 @@ def embed_task(slide: SlideImage, centres: np.ndarray, spec: TileSpec, encoder, 
     tiles = slide.read_tiles(centres, spec)
     if stains is not None:
         tiles = normalize_stains(tiles, stains)
-    with task_threads(model.uses_torch):
+    # numpy encoders use neither torch nor numba's kernels: nothing to hold
+    with task_threads() if model.uses_torch else contextlib.nullcontext():
         return model.embed(tiles, device=record.device), record
 
 
