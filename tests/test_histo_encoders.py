@@ -250,3 +250,30 @@ def test_each_encoder_has_its_tile_spec_and_device():
     assert not stain_normalized(get_encoder(stain_normalize=False))
     assert not stain_normalized("uni") and not stain_normalized("timm:resnet18")
     assert wants_gpu("uni") and wants_gpu("timm:resnet18")
+
+
+def test_morphology_runs_in_torch_batch_by_batch():
+    """The morphology encoder is a torch module (moved to the task's device with the
+    fields its host step resized); a tile's features do not depend on the batch it came
+    in, and the CPU's quantiles (numpy's partial sort) are the ones torch computes on a
+    GPU."""
+    import torch
+
+    from dflashdeconv.histo.morphology import _quantiles
+
+    encoder = get_encoder()
+    assert encoder.uses_torch and isinstance(encoder.model, torch.nn.Module)
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    fields = encoder.prepare(tiles)
+    assert fields.shape == (5, 2, 128, 128, 3) and fields.dtype == np.uint8
+    large = rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(encoder.prepare(large)[:, 1], large)  # already work size
+    together = encoder.embed(tiles, batch_size=5)
+    apart = np.vstack([encoder.embed(tiles[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(together, apart, rtol=1e-5, atol=1e-6)
+    values = torch.from_numpy(rng.random((4, 1001)).astype(np.float32))
+    levels = (0.1, 0.5, 0.75, 0.99)
+    np.testing.assert_allclose(_quantiles(values, levels).numpy(),
+                               torch.quantile(values, torch.tensor(levels), dim=1).numpy(),
+                               rtol=1e-6)

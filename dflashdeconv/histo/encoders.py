@@ -1,9 +1,9 @@
 """Patch encoders: a registry mapping a name to (model, transform, feature width).
 
-- ``"morphology"`` (default): hand-made, deterministic CPU features that always work:
-  colour statistics, H&E stain deconvolution, nuclei, gradient and texture statistics,
-  of tiles stain-normalised per slide (:mod:`.stain`; ``stain_normalize=False`` reads
-  them as scanned).
+- ``"morphology"`` (default): hand-made, deterministic features that always work (no
+  weights): colour statistics, H&E stain deconvolution, nuclei, gradient and texture
+  statistics, of tiles stain-normalised per slide (:mod:`.stain`;
+  ``stain_normalize=False`` reads them as scanned); torch on the task's device.
 - ``"uni"``, ``"uni2-h"``, ``"conch"``, ``"virchow"``, ``"virchow2"``, ``"gigapath"``,
   ``"h-optimus-0"``: pathology foundation ViTs (:mod:`.vit`, plain PyTorch with timm's
   parameter names) from their released checkpoints (``.bin``/``.pt``/``.safetensors``),
@@ -29,11 +29,15 @@ from .morphology import MorphologyFeatures
 
 @dataclass(frozen=True)
 class Encoder:
-    """A frozen patch encoder: ``model(transform(tiles))`` is an (n, n_features) array.
+    """A frozen patch encoder: ``model(transform(prepare(tiles)))`` is an (n, n_features)
+    array.
 
-    ``tiles`` are uint8 RGB arrays (n, h, w, 3). ``identity`` names the encoder and its
-    weights for feature caches. With ``stain_normalize`` the pipeline re-renders a slide's
-    tiles with reference stains (:mod:`.stain`, one estimate per slide) before embedding.
+    ``tiles`` are uint8 RGB arrays (n, h, w, 3). ``prepare`` (optional) runs on the host,
+    numpy to numpy (e.g. resampling with PIL); for a torch ``model`` its output is then
+    moved to the task's device, where ``transform`` and the model run. ``identity`` names
+    the encoder and its weights for feature caches. With ``stain_normalize`` the pipeline
+    re-renders a slide's tiles with reference stains (:mod:`.stain`, one estimate per
+    slide) before embedding.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Encoder:
     n_features: int
     identity: str
     stain_normalize: bool = False
+    prepare: Callable | None = None
 
     @property
     def uses_torch(self) -> bool:
@@ -53,17 +58,23 @@ class Encoder:
         """Features of ``tiles`` as float32 (n, n_features), computed on ``device``."""
         tiles = check_tiles(tiles)
         out = np.empty((tiles.shape[0], self.n_features), np.float32)
-        if not self.uses_torch:
+
+        def batches():
             for start in range(0, tiles.shape[0], batch_size):
-                out[start:start + batch_size] = self.model(self.transform(tiles[start:start + batch_size]))
+                batch = tiles[start:start + batch_size]
+                yield start, batch if self.prepare is None else self.prepare(batch)
+
+        if not self.uses_torch:
+            for start, batch in batches():
+                out[start:start + len(batch)] = self.model(self.transform(batch))
             return out
         import torch
 
         model = self.model.to(device).eval()
         with torch.inference_mode():
-            for start in range(0, tiles.shape[0], batch_size):
-                batch = torch.from_numpy(tiles[start:start + batch_size]).to(device)
-                out[start:start + batch_size] = model(self.transform(batch)).float().cpu().numpy()
+            for start, batch in batches():
+                batch = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+                out[start:start + len(batch)] = model(self.transform(batch)).float().cpu().numpy()
         return out
 
 
@@ -91,7 +102,7 @@ def _morphology_encoder(weights=None, work_size: int = 128,
                    encoder_identity("morphology", None,
                                     {"work_size": work_size, "fields": features.fields,
                                      "stain_normalize": bool(stain_normalize)}),
-                   stain_normalize=bool(stain_normalize))
+                   stain_normalize=bool(stain_normalize), prepare=features.prepare)
 
 
 # ---------------------------------------------------------------------------- torch encoders
@@ -163,7 +174,7 @@ def _timm_encoder(model_name: str, weights=None, **options) -> Encoder:
 
 #: Bumped when an encoder's features change (for the morphology encoder: also a change to
 #: :mod:`.stain`), so that stale cached features are not reused.
-_REVISIONS = {"morphology": 5}
+_REVISIONS = {"morphology": 6}
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {
     "morphology": _morphology_encoder,
@@ -210,17 +221,20 @@ def get_encoder(name: str = "morphology", *, weights=None, **options) -> Encoder
 _TILE_SPECS = {"morphology": TileSpec(448, 0.5)}
 
 
-#: Encoders whose arithmetic is numpy on the CPU: their tiles go to every worker's cores,
-#: not to the GPU workers (a GPU worker would run them on one CPU thread).
-_CPU_ENCODERS = {"morphology"}
+#: Encoders light enough that reading and stain-normalising their tiles (CPU work in any
+#: worker) costs more than their arithmetic: their tiles go to every worker, each of which
+#: embeds on its own device (a GPU worker on its GPU, the others on their CPU), rather
+#: than queueing on the GPU workers alone.
+_ANY_WORKER_ENCODERS = {"morphology"}
 
 
 def wants_gpu(encoder) -> bool:
-    """Whether ``encoder`` (a name or an :class:`Encoder`) runs on a GPU when there is one:
-    torch encoders do; the CPU encoders (``"morphology"``) do not."""
+    """Whether ``encoder``'s tiles (a name or an :class:`Encoder`) go to the GPU workers
+    when there are any: the ViTs' do; the morphology encoder's go to every worker, and an
+    :class:`Encoder` whose model is not torch runs on any worker's CPU."""
     if isinstance(encoder, Encoder):
-        return encoder.uses_torch
-    return encoder not in _CPU_ENCODERS
+        return encoder.uses_torch and encoder.name not in _ANY_WORKER_ENCODERS
+    return encoder not in _ANY_WORKER_ENCODERS
 
 
 def stain_normalized(encoder, options: dict | None = None) -> bool:

@@ -4,7 +4,8 @@ Torch tasks (training, sampling, torch encoders) are submitted with
 ``resources={"GPU": 1}`` when the cluster has such workers (``dask worker ADDRESS
 --resources GPU=1``, one worker per GPU) and run on the device
 :func:`~dflashdeconv.histo.devices.task_device` picks there; without them the same tasks
-run on any worker, on CPU. Tiles for a CPU encoder (``"morphology"``) go to every worker.
+run on any worker, on CPU. Tiles for the morphology encoder go to every worker (each
+embeds on its own device: reading and stain-normalising tiles is CPU work).
 Workers read their own tiles from the lazy slide, so only coordinates go out and only
 features come back.
 """
